@@ -1,0 +1,1 @@
+"""ID-Selection visual token pruning for vision-language models, served through vLLM."""
