@@ -10,10 +10,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-lock=requirements/cpu.lock
+# cpu.lock: the engine and its dependencies; tools.lock: test/deploy tooling added on top.
+locks=(requirements/cpu.lock)
+[ -f requirements/tools.lock ] && locks+=(requirements/tools.lock)
 venv=.venv
 stamp=$venv/.idselect-stamp
-want=$(cat "$lock" pyproject.toml | sha256sum | cut -d' ' -f1)
+want=$(cat "${locks[@]}" pyproject.toml | sha256sum | cut -d' ' -f1)
 
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$venv/bin/python" ]; then
   echo "setup-venv: $venv is up to date"
@@ -29,8 +31,8 @@ command -v "$py" >/dev/null 2>&1 || py=python3
 
 [ -x "$venv/bin/python" ] || "$py" -m venv "$venv"
 pipi() { PIP_FIND_LINKS= PIP_CONSTRAINT= "$venv/bin/pip" --isolated --disable-pip-version-check "$@"; }
-echo "setup-venv: installing $(grep -c '==' "$lock") pinned packages (first run downloads ~3 GB)"
-pipi install --quiet --no-deps -r "$lock"
+echo "setup-venv: installing $(cat "${locks[@]}" | grep -c '==') pinned packages (first run downloads ~3 GB)"
+for lock in "${locks[@]}"; do pipi install --quiet --no-deps -r "$lock"; done
 pipi install --quiet --no-deps --no-build-isolation -e .
 "$venv/bin/python" -c 'import torch, torchvision, vllm; print("setup-venv: torch", torch.__version__, "torchvision", torchvision.__version__, "vllm", vllm.__version__)'
 echo "$want" > "$stamp"

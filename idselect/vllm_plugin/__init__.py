@@ -1,0 +1,21 @@
+"""vLLM plugin: serves the LLaVA architecture with ID-Selection.
+
+Loaded through the `vllm.general_plugins` entry point, so every vLLM process (front end, engine
+core, workers, the model-inspection subprocess) runs it. The CPU platform spawns its workers, so an
+in-process `ModelRegistry.register_model` call alone would leave the workers on the stock model.
+"""
+
+from __future__ import annotations
+
+PLUGIN_MODEL_CLASS = "IDSelectLlavaForConditionalGeneration"
+ARCHITECTURES = {
+    "LlavaForConditionalGeneration": f"idselect.vllm_plugin.llava:{PLUGIN_MODEL_CLASS}",
+}
+
+
+def register() -> None:
+    """Entry point: point the architectures we prune at our model classes (lazily imported)."""
+    from vllm import ModelRegistry
+
+    for arch, target in ARCHITECTURES.items():
+        ModelRegistry.register_model(arch, target)

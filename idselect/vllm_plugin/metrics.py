@@ -1,0 +1,66 @@
+"""Prometheus metrics the plugin records.
+
+Counters are incremented where requests are processed (the API process) and the selection
+histogram where selection runs (the model worker). Both only add up on one `/metrics` page when
+PROMETHEUS_MULTIPROC_DIR is set before any process starts (the server does this); without it each
+process keeps its own values, which is what offline `vllm.LLM` users get.
+
+The metric objects are created on first use, not at import: prometheus_client decides between its
+in-memory and multiprocess value stores when a metric is created, from the environment of that
+moment.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+from prometheus_client import Counter, Histogram
+
+from idselect.budget import BUDGET_BUCKETS
+
+# Seconds; selection on CPU is sub-millisecond to tens of milliseconds per image.
+_SELECTION_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
+
+
+class _Metrics:
+    def __init__(self) -> None:
+        self.images = Counter(
+            "idselect_images",
+            "Images processed, by bucketed visual token budget.",
+            ["budget"],
+        )
+        self.tokens_original = Counter(
+            "idselect_visual_tokens_original",
+            "Visual tokens the images would have cost without selection.",
+            ["budget"],
+        )
+        self.tokens_kept = Counter(
+            "idselect_visual_tokens_kept",
+            "Visual tokens kept by ID-Selection and prefilled by the language model.",
+            ["budget"],
+        )
+        self.selection_seconds = Histogram(
+            "idselect_selection_seconds",
+            "Per-image time spent scoring and selecting visual tokens in the embedding step.",
+            buckets=_SELECTION_BUCKETS,
+        )
+        for bucket in BUDGET_BUCKETS:  # export zeros so rate() works from the first scrape
+            self.images.labels(bucket)
+            self.tokens_original.labels(bucket)
+            self.tokens_kept.labels(bucket)
+
+
+@cache
+def metrics() -> _Metrics:
+    return _Metrics()
+
+
+def record_image(bucket: str, original: int, kept: int) -> None:
+    m = metrics()
+    m.images.labels(bucket).inc()
+    m.tokens_original.labels(bucket).inc(original)
+    m.tokens_kept.labels(bucket).inc(kept)
+
+
+def observe_selection(seconds: float) -> None:
+    metrics().selection_seconds.observe(seconds)

@@ -1,0 +1,41 @@
+"""Deployment-wide plugin settings, carried on the model's Hugging Face config.
+
+They travel as `hf_overrides` (the `idselect serve` flags set them), because the HF config is the
+one object vLLM hands, unchanged, to the front-end processor and to every spawned worker. Unlike
+`--mm-processor-kwargs`, it never reaches the Hugging Face processor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from idselect.budget import BUDGET_KEY, validate_budget
+
+GAMMA_KEY = "idselect_gamma"
+SUPPRESSION_KEY = "idselect_suppression"
+MICRO_BATCH_KEY = "idselect_encoder_micro_batch"
+
+
+@dataclass(frozen=True)
+class PluginSettings:
+    default_budget: int | None = None
+    gamma: float = 20.0
+    suppression: Literal["subtract", "multiply"] = "subtract"
+    # Images per vision-tower pass: the scheduler charges only K placeholders per image against
+    # the encoder budget, so one encoder batch can hold far more images than profiling assumed.
+    encoder_micro_batch: int = 8
+
+    @classmethod
+    def from_hf_config(cls, hf_config: Any) -> PluginSettings:
+        budget = validate_budget(getattr(hf_config, BUDGET_KEY, None))
+        gamma = float(getattr(hf_config, GAMMA_KEY, cls.gamma))
+        suppression = getattr(hf_config, SUPPRESSION_KEY, cls.suppression)
+        micro = getattr(hf_config, MICRO_BATCH_KEY, cls.encoder_micro_batch)
+        if not gamma > 0:
+            raise ValueError(f"{GAMMA_KEY} must be > 0, got {gamma}")
+        if suppression not in ("subtract", "multiply"):
+            raise ValueError(f"{SUPPRESSION_KEY} must be 'subtract' or 'multiply'")
+        if isinstance(micro, bool) or not isinstance(micro, int) or micro < 1:
+            raise ValueError(f"{MICRO_BATCH_KEY} must be an integer >= 1, got {micro!r}")
+        return cls(budget, gamma, suppression, micro)

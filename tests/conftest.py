@@ -1,0 +1,41 @@
+"""Shared fixtures: the tiny LLaVA model (built by code, once per session) and test images.
+
+Environment set here, before anything imports prometheus_client or vLLM:
+- PROMETHEUS_MULTIPROC_DIR: the plugin's selection histogram is recorded in the spawned model
+  worker; multiprocess mode lets the test process read it (this is how the server runs too).
+- VLLM_CPU_KVCACHE_SPACE: the CPU backend would otherwise try to reserve most of host RAM.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="idselect-prom-"))
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from idselect.tiny_model import write_tiny_llava  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_llava(tmp_path_factory.mktemp("models") / "tiny-llava")
+
+
+def make_image(seed: int, size: tuple[int, int] = (336, 336)) -> Image.Image:
+    """A reproducible image with spatial structure (blocks plus noise), not flat noise.
+
+    Structure gives the vision tower near-duplicate patches, which is what selection is about.
+    """
+    rng = np.random.default_rng(seed)
+    w, h = size
+    blocks = rng.integers(0, 256, size=(6, 6, 3), dtype=np.uint8)
+    base = np.kron(blocks, np.ones((h // 6 + 1, w // 6 + 1, 1), dtype=np.uint8))[:h, :w]
+    noise = rng.integers(-20, 21, size=(h, w, 3))
+    return Image.fromarray(np.clip(base.astype(int) + noise, 0, 255).astype(np.uint8))

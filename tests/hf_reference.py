@@ -1,0 +1,67 @@
+"""An independent reference: Hugging Face transformers' LLaVA on the same weights.
+
+Used to check what vLLM + the plugin computes: the vision features and [CLS] attention come from
+transformers' own CLIP (eager attention, so attention probabilities are returned), selection from
+`idselect.selection.id_select`, and generation is a plain greedy loop over `inputs_embeds`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+from idselect.selection import id_select
+
+
+class HFLlava:
+    def __init__(self, model_dir: Path) -> None:
+        self.model = LlavaForConditionalGeneration.from_pretrained(
+            model_dir, dtype=torch.float32, attn_implementation="eager"
+        ).eval()
+        self.processor = AutoProcessor.from_pretrained(model_dir)
+        self.image_token_id = self.model.config.image_token_index
+
+    @torch.inference_mode()
+    def vision(self, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feature-layer patch features (576, D) and [CLS]->patch attention summed over heads."""
+        pixels = self.processor.image_processor(image, return_tensors="pt").pixel_values
+        out = self.model.model.vision_tower(
+            pixel_values=pixels, output_hidden_states=True, output_attentions=True
+        )
+        # vision_feature_layer = -2: hidden_states[-2] is the output of layers[-2]
+        layer = self.model.config.vision_feature_layer
+        features = out.hidden_states[layer][0, 1:]
+        attention = out.attentions[layer][0]  # (heads, 577, 577), the same layer
+        return features, attention[:, 0, 1:].sum(0)
+
+    @torch.inference_mode()
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        return self.model.model.multi_modal_projector(features)
+
+    def image_embeds(self, image: Image.Image, budget: int | None) -> torch.Tensor:
+        """What the LLM should see for one image: the projector on ID-Selection's picks."""
+        features, scores = self.vision(image)
+        if budget is not None and budget < features.shape[0]:
+            features = features[id_select(features, scores, budget)]
+        return self.project(features)
+
+    @torch.inference_mode()
+    def greedy(self, prompt_ids: list[int], images: list[torch.Tensor], steps: int) -> list[int]:
+        """Greedy tokens for a prompt whose image placeholders are filled, in order, by `images`."""
+        ids = torch.tensor(prompt_ids)
+        embeds = self.model.get_input_embeddings()(ids)
+        slots = (ids == self.image_token_id).nonzero().flatten()
+        filled = torch.cat(images)
+        assert len(slots) == len(filled), (len(slots), len(filled))
+        embeds[slots] = filled
+        lm = self.model.model.language_model
+        tokens: list[int] = []
+        for _ in range(steps):
+            hidden = lm(inputs_embeds=embeds[None]).last_hidden_state[0, -1]
+            token = int(self.model.lm_head(hidden).argmax())
+            tokens.append(token)
+            embeds = torch.cat([embeds, self.model.get_input_embeddings()(torch.tensor([token]))])
+        return tokens
