@@ -51,7 +51,7 @@ from idselect.vllm_plugin import metrics
 from idselect.vllm_plugin.capture import capture_cls_qk
 from idselect.vllm_plugin.settings import PluginSettings
 
-logger = init_logger(__name__)
+logger = init_logger("vllm.idselect.plugin")  # under "vllm": vLLM's log handlers
 
 # Per-image kept count carried from the processor to the embedding step, cached with the item.
 # 0 means "no pruning" so every image carries the field and items still batch together.

@@ -1,0 +1,1 @@
+"""The idselect OpenAI-compatible server: vLLM's own app plus a thin visual-token-budget layer."""

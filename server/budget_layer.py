@@ -1,0 +1,200 @@
+"""ASGI middleware around vLLM's completion endpoints: budget in, visual usage and metrics out.
+
+Runs outside vLLM's app, so vLLM keeps all request handling (chat templates, streaming, tools,
+errors); this layer only rewrites the JSON body on the way in, adds the visual-token fields to
+`usage` on the way out (also in the final streamed chunk), and records request metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from idselect.budget import budget_bucket
+from server.errors import openai_error
+from server.metrics import code_class, request_metrics
+from server.request_budget import BUDGET_PATHS, BudgetedRequest, RequestRejected, prepare
+from server.settings import ServerSettings
+
+
+class VisualBudgetMiddleware:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "").removeprefix(scope.get("root_path", ""))
+        if scope["type"] != "http" or scope.get("method") != "POST" or path not in BUDGET_PATHS:
+            await self.app(scope, receive, send)
+            return
+        settings: ServerSettings = scope["app"].state.args.idselect
+        started = time.perf_counter()
+        status = {"code": 500}
+        label = "invalid"
+
+        async def send_status(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            body = await _read_body(receive, settings.max_request_bytes)
+            if body is None:
+                await openai_error(
+                    413,
+                    f"request body exceeds {settings.max_request_bytes} bytes",
+                    code="request_too_large",
+                )(scope, receive, send_status)
+                return
+            try:
+                request = prepare(json.loads(body), settings)
+            except ValueError:  # not JSON: vLLM answers with its own 400
+                request = None
+            except RequestRejected as exc:
+                await openai_error(400, str(exc), param=exc.param, code=exc.code)(
+                    scope, receive, send_status
+                )
+                return
+            if request is None:
+                await self.app(scope, _replay(body, receive), send_status)
+                return
+
+            label = budget_bucket(request.budget, settings.full_image_tokens)
+            new_body = json.dumps(request.body).encode()
+            scope = {**scope, "headers": _with_content_length(scope["headers"], len(new_body))}
+            usage = request.visual_usage(settings.full_image_tokens)
+            patcher = _UsagePatcher(send_status, usage, request, label, started)
+            await self.app(scope, _replay(new_body, receive), patcher.send)
+        finally:
+            m = request_metrics()
+            m.requests.labels(label, code_class(status["code"])).inc()
+            m.duration.labels(label).observe(time.perf_counter() - started)
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes | None:
+    """The whole request body, or None once it grows past `limit` bytes."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            break
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    return b"".join(chunks)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """Hand the (rewritten) body downstream once, then pass through (disconnect detection)."""
+    delivered = False
+
+    async def replay() -> Message:
+        nonlocal delivered
+        if not delivered:
+            delivered = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+def _with_content_length(headers: list[tuple[bytes, bytes]], length: int) -> list:
+    kept = [(k, v) for k, v in headers if k.lower() != b"content-length"]
+    return [*kept, (b"content-length", str(length).encode())]
+
+
+class _UsagePatcher:
+    """Adds visual usage to JSON responses and to every SSE chunk that carries `usage`."""
+
+    def __init__(
+        self,
+        send: Send,
+        usage: dict[str, int] | None,
+        request: BudgetedRequest,
+        label: str,
+        started: float,
+    ) -> None:
+        self._send = send
+        self._usage = usage
+        self._label = label
+        self._started = started
+        self._mode = "pass"  # pass | json | sse
+        self._start: Message | None = None
+        self._buffer = b""
+        self._first_chunk_seen = not request.stream
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            await self._on_start(message)
+        elif message["type"] == "http.response.body":
+            await self._on_body(message)
+        else:
+            await self._send(message)
+
+    async def _on_start(self, message: Message) -> None:
+        content_type = dict(message.get("headers", [])).get(b"content-type", b"")
+        if self._usage is not None and message["status"] == 200:
+            if content_type.startswith(b"text/event-stream"):
+                self._mode = "sse"
+            elif content_type.startswith(b"application/json"):
+                self._mode = "json"
+                self._start = message  # held until the body is complete (length changes)
+                return
+        await self._send(message)
+
+    async def _on_body(self, message: Message) -> None:
+        chunk = message.get("body", b"")
+        more = message.get("more_body", False)
+        if not self._first_chunk_seen and chunk:
+            self._first_chunk_seen = True
+            request_metrics().ttft.labels(self._label).observe(time.perf_counter() - self._started)
+        if self._mode == "pass":
+            await self._send(message)
+        elif self._mode == "json":
+            self._buffer += chunk
+            if more:
+                return
+            body = self._patch_json(self._buffer)
+            assert self._start is not None
+            headers = _with_content_length(self._start.get("headers", []), len(body))
+            await self._send({**self._start, "headers": headers})
+            await self._send({"type": "http.response.body", "body": body, "more_body": False})
+        else:
+            self._buffer += chunk
+            if more:  # forward complete events only; keep a partial one for the next chunk
+                complete, _, self._buffer = self._buffer.rpartition(b"\n\n")
+            else:
+                complete, self._buffer = self._buffer, b""
+            events = [e for e in complete.split(b"\n\n") if e.strip()]
+            out = b"".join(self._patch_event(e) + b"\n\n" for e in events)
+            if out or not more:
+                await self._send({"type": "http.response.body", "body": out, "more_body": more})
+
+    def _patch_json(self, body: bytes) -> bytes:
+        try:
+            payload = json.loads(body)
+        except ValueError:
+            return body
+        return json.dumps(self._with_usage(payload)).encode()
+
+    def _patch_event(self, event: bytes) -> bytes:
+        prefix = b"data: "
+        if not event.startswith(prefix) or event == b"data: [DONE]":
+            return event
+        try:
+            payload = json.loads(event[len(prefix) :])
+        except ValueError:
+            return event
+        return prefix + json.dumps(self._with_usage(payload)).encode()
+
+    def _with_usage(self, payload: Any) -> Any:
+        if isinstance(payload, dict) and isinstance(payload.get("usage"), dict):
+            payload["usage"].update(self._usage or {})
+        return payload
