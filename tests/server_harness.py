@@ -1,100 +1,21 @@
-"""Start `idselect serve` as a real subprocess on 127.0.0.1 and talk to it."""
+"""Test helpers around a real `idselect serve` subprocess (see server/launch.py)."""
 
 from __future__ import annotations
 
-import base64
-import io
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
-from PIL import Image
+from server.launch import TINY_MODEL_ARGS, RunningServer, image_message, running_server
 
-IDSELECT = str(Path(sys.executable).with_name("idselect"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class RunningServer:
-    base_url: str
-    process: subprocess.Popen
-    log_path: Path
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+__all__ = ["image_message", "metric_value", "tiny_server"]
 
 
 @contextmanager
-def running_server(
-    model_dir: Path, log_dir: Path, *extra: str, env: dict[str, str] | None = None,
-    startup_timeout: float = 300,
-) -> Iterator[RunningServer]:
-    port = free_port()
-    log_path = log_dir / f"server-{port}.log"
-    child_env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
-    child_env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    child_env.update(env or {})
-    cmd = [IDSELECT, "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
-           "--dtype", "float32", "--max-model-len", "2048", *extra]
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env,
-                                   start_new_session=True)
-    server = RunningServer(f"http://127.0.0.1:{port}", process, log_path)
-    try:
-        _wait_healthy(server, startup_timeout)
+def tiny_server(model_dir: Path, log_dir: Path, *extra: str, **kwargs) -> Iterator[RunningServer]:
+    with running_server(model_dir, log_dir / "server.log", *TINY_MODEL_ARGS, *extra,
+                        **kwargs) as server:
         yield server
-    finally:
-        stop(server)
-
-
-def _wait_healthy(server: RunningServer, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.process.poll() is not None:
-            raise RuntimeError(f"server exited with {server.process.returncode}:\n"
-                               + server.log()[-6000:])
-        try:
-            if httpx.get(server.base_url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise TimeoutError("server did not become healthy:\n" + server.log()[-6000:])
-
-
-def stop(server: RunningServer, timeout: float = 60) -> int | None:
-    if server.process.poll() is None:
-        os.killpg(server.process.pid, signal.SIGTERM)
-        try:
-            server.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.process.pid, signal.SIGKILL)
-            server.process.wait()
-    return server.process.returncode
-
-
-def image_data_url(image: Image.Image) -> str:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def image_message(text: str, *images: Image.Image) -> list[dict]:
-    parts = [{"type": "image_url", "image_url": {"url": image_data_url(i)}} for i in images]
-    return [{"role": "user", "content": [*parts, {"type": "text", "text": text}]}]
 
 
 def metric_value(text: str, name: str, labels: dict[str, str] | None = None) -> float:
@@ -103,7 +24,8 @@ def metric_value(text: str, name: str, labels: dict[str, str] | None = None) -> 
 
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v
-                                           for k, v in (labels or {}).items()):
+            if sample.name == name and all(
+                sample.labels.get(k) == v for k, v in (labels or {}).items()
+            ):
                 return sample.value
     return 0.0

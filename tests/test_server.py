@@ -12,7 +12,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from tests.conftest import make_image
-from tests.server_harness import image_message, metric_value, running_server
+from tests.server_harness import image_message, metric_value, tiny_server
 
 pytestmark = pytest.mark.engine
 
@@ -23,14 +23,14 @@ QUESTION = "What is in the image?"
 
 @pytest.fixture(scope="module")
 def keyed(tiny_model_dir, tmp_path_factory):
-    with running_server(tiny_model_dir, tmp_path_factory.mktemp("logs"), "--api-key", KEY) as s:
+    with tiny_server(tiny_model_dir, tmp_path_factory.mktemp("logs"), "--api-key", KEY) as s:
         yield s
 
 
 @pytest.fixture(scope="module")
 def defaulted(tiny_model_dir, tmp_path_factory):
     logs = tmp_path_factory.mktemp("logs")
-    with running_server(tiny_model_dir, logs, "--visual-token-budget", "32") as s:
+    with tiny_server(tiny_model_dir, logs, "--visual-token-budget", "32") as s:
         yield s
 
 
