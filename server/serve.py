@@ -17,7 +17,6 @@ import tempfile
 from idselect.budget import BUDGET_KEY
 
 MIDDLEWARE = ("server.budget_layer.VisualBudgetMiddleware", "server.auth.ApiKeyMiddleware")
-SUPPORTED_ARCHITECTURES = ("LlavaForConditionalGeneration",)
 
 
 def _positive_int(text: str) -> int:
@@ -112,7 +111,7 @@ async def run(args: argparse.Namespace, options: dict) -> None:
     from vllm.logger import init_logger
 
     from idselect.vllm_plugin import full_image_tokens
-    from idselect.vllm_plugin.selfcheck import verify_async
+    from idselect.vllm_plugin.selfcheck import PluginNotActiveError, verify_async
     from server.settings import ServerSettings
 
     logger = init_logger("vllm.idselect.serve")  # under "vllm": vLLM's log handlers
@@ -123,14 +122,12 @@ async def run(args: argparse.Namespace, options: dict) -> None:
     signal.signal(signal.SIGTERM, _interrupt_init)
     listen_address, sock = setup_server(args, reuse_port=False)
     async with build_async_engine_client(args) as engine_client:
-        hf_config = engine_client.model_config.hf_config
-        architectures = getattr(hf_config, "architectures", None) or []
-        if not set(architectures) & set(SUPPORTED_ARCHITECTURES):
-            raise SystemExit(
-                f"idselect: {architectures} is not supported yet; supported architectures: "
-                f"{', '.join(SUPPORTED_ARCHITECTURES)}"
-            )
-        await verify_async(engine_client.collective_rpc)
+        model_config = engine_client.model_config
+        hf_config = model_config.hf_config
+        try:
+            await verify_async(engine_client.collective_rpc, model_config.architectures)
+        except PluginNotActiveError as exc:
+            raise SystemExit(f"idselect: refusing to serve: {exc}") from None
         full = full_image_tokens(hf_config)
         args.idselect = ServerSettings(
             full_image_tokens=full,

@@ -15,7 +15,6 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from idselect.budget import BudgetError
 from idselect.selection import id_select
-from idselect.vllm_plugin import PLUGIN_MODEL_CLASS
 from idselect.vllm_plugin.selfcheck import verify_offline
 from tests import engine_probe
 from tests.conftest import make_image
@@ -78,7 +77,8 @@ def _drain(llm) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 def test_worker_runs_plugin_model(llm):
     verify_offline(llm)  # raises PluginNotActiveError otherwise
-    assert llm.collective_rpc("get_model_inspection")[0].startswith(PLUGIN_MODEL_CLASS)
+    inspection = llm.collective_rpc("get_model_inspection")[0]
+    assert inspection.startswith("IDSelectLlavaForConditionalGeneration(")
 
 
 @pytest.mark.parametrize("budget, kept", [(16, 16), (64, 64), (192, 192), (None, FULL),

@@ -14,12 +14,19 @@ import textwrap
 
 import pytest
 
-from idselect.vllm_plugin import PLUGIN_MODEL_CLASS
-from idselect.vllm_plugin.selfcheck import PluginNotActiveError, check_inspections
+from idselect.vllm_plugin.selfcheck import PluginNotActiveError, check_inspections, expected_class
+
+PLUGIN_MODEL_CLASS = "IDSelectLlavaForConditionalGeneration"
+
+
+def test_expected_class_per_architecture():
+    assert expected_class(["LlavaForConditionalGeneration"]) == PLUGIN_MODEL_CLASS
+    with pytest.raises(PluginNotActiveError, match="does not support"):
+        expected_class(["MllamaForConditionalGeneration"])
 
 
 def test_check_accepts_plugin_model_everywhere():
-    check_inspections([f"{PLUGIN_MODEL_CLASS}(\n  (vision_tower): ...)"] * 2)
+    check_inspections([f"{PLUGIN_MODEL_CLASS}(\n  (vision_tower): ...)"] * 2, PLUGIN_MODEL_CLASS)
 
 
 @pytest.mark.parametrize(
@@ -28,7 +35,7 @@ def test_check_accepts_plugin_model_everywhere():
 )
 def test_check_rejects_missing_or_stock_workers(inspections):
     with pytest.raises(PluginNotActiveError):
-        check_inspections(inspections)
+        check_inspections(inspections, PLUGIN_MODEL_CLASS)
 
 
 SCRIPT = textwrap.dedent(

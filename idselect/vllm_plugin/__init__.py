@@ -1,4 +1,4 @@
-"""vLLM plugin: serves the LLaVA architecture with ID-Selection.
+"""vLLM plugin: serves the supported VLM architectures with ID-Selection.
 
 Loaded through the `vllm.general_plugins` entry point, so every vLLM process (front end, engine
 core, workers, the model-inspection subprocess) runs it. The CPU platform spawns its workers, so an
@@ -7,10 +7,20 @@ in-process `ModelRegistry.register_model` call alone would leave the workers on 
 
 from __future__ import annotations
 
-PLUGIN_MODEL_CLASS = "IDSelectLlavaForConditionalGeneration"
+# Hugging Face architecture name -> "module:Class" of the plugin's model serving it.
 ARCHITECTURES = {
-    "LlavaForConditionalGeneration": f"idselect.vllm_plugin.llava:{PLUGIN_MODEL_CLASS}",
+    "LlavaForConditionalGeneration": (
+        "idselect.vllm_plugin.llava:IDSelectLlavaForConditionalGeneration"
+    ),
 }
+
+
+def plugin_model_class(architectures: list[str] | None) -> str | None:
+    """Class name the workers must run for a config's architectures; None if unsupported."""
+    for arch in architectures or []:
+        if arch in ARCHITECTURES:
+            return ARCHITECTURES[arch].rsplit(":", 1)[1]
+    return None
 
 
 def register() -> None:
