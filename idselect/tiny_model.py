@@ -52,7 +52,7 @@ class TinyLlavaSpec:
     seed: int = 0
 
 
-def _build_tokenizer(vocab_size: int):
+def build_tokenizer(vocab_size: int):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -84,7 +84,7 @@ def _build_tokenizer(vocab_size: int):
     )
 
 
-def _hub_layout(state_dict: dict) -> dict:
+def hub_layout(state_dict: dict) -> dict:
     """Name tensors as llava-hf checkpoints on the Hub do (`...vision_tower.vision_model.*`).
 
     transformers 5 flattens CLIPVisionModel in memory and would save `vision_tower.embeddings.*`,
@@ -121,7 +121,7 @@ def write_tiny_llava(out_dir: str | Path, spec: TinyLlavaSpec = TinyLlavaSpec())
         return out
     out.mkdir(parents=True, exist_ok=True)
 
-    tokenizer = _build_tokenizer(spec.vocab_size)
+    tokenizer = build_tokenizer(spec.vocab_size)
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     vision = CLIPVisionConfig(
         hidden_size=spec.vision_hidden,
@@ -164,7 +164,7 @@ def write_tiny_llava(out_dir: str | Path, spec: TinyLlavaSpec = TinyLlavaSpec())
     model = LlavaForConditionalGeneration(config).to(torch.float32).eval()
     config.save_pretrained(out)
     model.generation_config.save_pretrained(out)
-    save_file(_hub_layout(model.state_dict()), out / "model.safetensors", metadata={"format": "pt"})
+    save_file(hub_layout(model.state_dict()), out / "model.safetensors", metadata={"format": "pt"})
 
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": 336},

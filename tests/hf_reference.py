@@ -11,14 +11,21 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from transformers import AutoProcessor, LlavaForConditionalGeneration
+from transformers import (
+    AutoProcessor,
+    LlavaForConditionalGeneration,
+    LlavaNextForConditionalGeneration,
+)
 
+from idselect.importance import normalize_scores
 from idselect.selection import id_select
 
 
 class HFLlava:
+    model_class = LlavaForConditionalGeneration
+
     def __init__(self, model_dir: Path) -> None:
-        self.model = LlavaForConditionalGeneration.from_pretrained(
+        self.model = self.model_class.from_pretrained(
             model_dir, dtype=torch.float32, attn_implementation="eager"
         ).eval()
         self.processor = AutoProcessor.from_pretrained(model_dir)
@@ -65,3 +72,45 @@ class HFLlava:
             tokens.append(token)
             embeds = torch.cat([embeds, self.model.get_input_embeddings()(torch.tensor([token]))])
         return tokens
+
+
+class HFLlavaNext(HFLlava):
+    """LLaVA-NeXT: per-crop [CLS] scores (normalised per crop), packed by transformers' own
+    `pack_image_features` (without newlines) alongside the features."""
+
+    model_class = LlavaNextForConditionalGeneration
+
+    def _pixels(self, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
+        processed = self.processor.image_processor(image, return_tensors="pt")
+        return processed.pixel_values, processed.image_sizes
+
+    @torch.inference_mode()
+    def vision(self, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
+        pixels, sizes = self._pixels(image)
+        out = self.model.model.vision_tower(
+            pixel_values=pixels[0], output_hidden_states=True, output_attentions=True
+        )
+        layer = self.model.config.vision_feature_layer
+        features = out.hidden_states[layer][:, 1:]  # (crops, 576, D)
+        scores = normalize_scores(out.attentions[layer][:, :, 0, 1:].sum(1))  # per crop
+        scored = torch.cat([features, scores[..., None]], -1)
+        packed, _ = self.model.model.pack_image_features(
+            [scored], sizes, self.model.config.vision_feature_select_strategy, image_newline=None
+        )
+        (packed,) = packed  # one image
+        return packed[:, :-1], packed[:, -1]
+
+    @torch.inference_mode()
+    def full_image_embeds(self, image: Image.Image) -> torch.Tensor:
+        """transformers' own unpruned path: projected crops, unpadded, with newline tokens."""
+        pixels, sizes = self._pixels(image)
+        out = self.model.model.get_image_features(pixel_values=pixels, image_sizes=sizes)
+        (packed,) = out.pooler_output  # one image, already packed with newlines
+        return packed
+
+    def image_embeds(self, image: Image.Image, budget: int | None) -> torch.Tensor:
+        full = self.full_image_embeds(image)
+        if budget is None or budget >= full.shape[0]:
+            return full
+        features, scores = self.vision(image)
+        return self.project(features[id_select(features, scores, budget)])

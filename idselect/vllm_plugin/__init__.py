@@ -12,6 +12,9 @@ ARCHITECTURES = {
     "LlavaForConditionalGeneration": (
         "idselect.vllm_plugin.llava:IDSelectLlavaForConditionalGeneration"
     ),
+    "LlavaNextForConditionalGeneration": (
+        "idselect.vllm_plugin.llava_next:IDSelectLlavaNextForConditionalGeneration"
+    ),
 }
 
 

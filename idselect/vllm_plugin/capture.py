@@ -7,7 +7,7 @@ where linear weights are repacked and `.weight` is empty.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -46,3 +46,28 @@ def capture_cls_qk(attn_op: nn.Module) -> Iterator[CapturedQK]:
         yield captured
     finally:
         handle.remove()
+
+
+def encode_with_cls_scores(
+    tower: Callable[[torch.Tensor], torch.Tensor], clip_attention: nn.Module, pixels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the tower once; return its features and the feature layer's [CLS]->patch attention.
+
+    Scores are summed over heads. With tensor parallelism the heads are sharded across ranks, so
+    the partial sums are all-reduced before anyone selects, or ranks would disagree.
+    """
+    from vllm.distributed import (
+        get_tensor_model_parallel_world_size,
+        tensor_model_parallel_all_reduce,
+    )
+
+    from idselect.importance import cls_attention
+
+    attn = clip_attention.attn
+    with capture_cls_qk(attn) as captured:
+        features = tower(pixels)
+    cls_query, keys = captured.single()
+    scores = cls_attention(cls_query, keys, attn.num_heads, attn.scale, reduce="sum")
+    if get_tensor_model_parallel_world_size() > 1 and clip_attention.tp_size > 1:
+        scores = tensor_model_parallel_all_reduce(scores)
+    return features, scores

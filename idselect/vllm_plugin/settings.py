@@ -39,3 +39,15 @@ class PluginSettings:
         if isinstance(micro, bool) or not isinstance(micro, int) or micro < 1:
             raise ValueError(f"{MICRO_BATCH_KEY} must be an integer >= 1, got {micro!r}")
         return cls(budget, gamma, suppression, micro)
+
+    @classmethod
+    def for_model(cls, vllm_config: Any) -> PluginSettings:
+        """Settings of a model being built, refusing the one place a default must not go."""
+        mm_config = vllm_config.model_config.multimodal_config
+        if mm_config is not None and BUDGET_KEY in (mm_config.mm_processor_kwargs or {}):
+            raise ValueError(
+                f"set the default {BUDGET_KEY} with `idselect serve --visual-token-budget N` "
+                f"(or hf_overrides={{'{BUDGET_KEY}': N}}), not --mm-processor-kwargs, which would "
+                "hand it to the Hugging Face processor"
+            )
+        return cls.from_hf_config(vllm_config.model_config.hf_config)
