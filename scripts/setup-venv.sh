@@ -33,6 +33,7 @@ command -v "$py" >/dev/null 2>&1 || py=python3
 pipi() { PIP_FIND_LINKS= PIP_CONSTRAINT= "$venv/bin/pip" --isolated --disable-pip-version-check "$@"; }
 echo "setup-venv: installing $(cat "${locks[@]}" | grep -c '==') pinned packages (first run downloads ~3 GB)"
 for lock in "${locks[@]}"; do pipi install --quiet --no-deps -r "$lock"; done
+# The package itself builds with the venv's own (locked) setuptools: no network at build time.
 pipi install --quiet --no-deps --no-build-isolation -e .
 "$venv/bin/python" -c 'import torch, torchvision, vllm; print("setup-venv: torch", torch.__version__, "torchvision", torchvision.__version__, "vllm", vllm.__version__)'
 echo "$want" > "$stamp"
