@@ -17,7 +17,7 @@ from transformers import (
     LlavaNextForConditionalGeneration,
 )
 
-from idselect.importance import normalize_scores
+from idselect.importance import normalize_scores, text_relevance, unified
 from idselect.selection import id_select
 
 
@@ -48,9 +48,24 @@ class HFLlava:
     def project(self, features: torch.Tensor) -> torch.Tensor:
         return self.model.model.multi_modal_projector(features)
 
-    def image_embeds(self, image: Image.Image, budget: int | None) -> torch.Tensor:
-        """What the LLM should see for one image: the projector on ID-Selection's picks."""
+    def image_embeds(
+        self,
+        image: Image.Image,
+        budget: int | None,
+        importance: str = "cls",
+        text_ids: list[int] | None = None,
+    ) -> torch.Tensor:
+        """What the LLM should see for one image: the projector on ID-Selection's picks.
+
+        `text`/`unified` importance rank tokens by the cosine of their projection to the prompt's
+        input embeddings (`text_ids`: the prompt without image tokens).
+        """
         features, scores = self.vision(image)
+        if importance != "cls":
+            with torch.inference_mode():
+                text = self.model.get_input_embeddings()(torch.tensor(text_ids))
+                relevance = text_relevance(self.project(features), text)
+            scores = relevance if importance == "text" else unified(scores, relevance)
         if budget is not None and budget < features.shape[0]:
             features = features[id_select(features, scores, budget)]
         return self.project(features)

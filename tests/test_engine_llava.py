@@ -51,11 +51,12 @@ def hf(tiny_model_dir) -> HFLlava:
     return HFLlava(tiny_model_dir)
 
 
-def _request(prompt: str, images: list, budget=None) -> dict:
+def _request(prompt: str, images: list, budget=None, importance=None) -> dict:
     data = {"image": images if len(images) > 1 else images[0]}
     req = {"prompt": prompt, "multi_modal_data": data}
-    if budget is not None:
-        req["mm_processor_kwargs"] = {"visual_token_budget": budget}
+    kwargs = {"visual_token_budget": budget, "visual_token_importance": importance}
+    if any(v is not None for v in kwargs.values()):
+        req["mm_processor_kwargs"] = {k: v for k, v in kwargs.items() if v is not None}
     return req
 
 
@@ -161,6 +162,32 @@ def test_bad_budget_fails_that_request_and_engine_keeps_serving(llm, hf, bad):
         llm.generate(_request(PROMPT, [make_image(7)], bad), _greedy())
     (out,) = llm.generate(_request(PROMPT, [make_image(7)], 32), _greedy())
     assert len(out.prompt_token_ids) == _text_tokens(hf, PROMPT) + 32
+
+
+@pytest.mark.parametrize("importance", ["text", "unified"])
+def test_prompt_aware_importance_matches_reference_and_is_keyed_by_prompt(llm, hf, importance):
+    """Same image, same K, two prompts: each gets its own selection (no stale cache hit)."""
+    image = make_image(80)
+    seen = []
+    for prompt in [PROMPT, "USER: <image>\nHow many dogs are there?\nASSISTANT:"]:
+        _drain(llm)
+        (out,) = llm.generate(_request(prompt, [image], 16, importance), _greedy())
+        (_, projected) = _drain(llm)[-1]
+        text_ids = [t for t in out.prompt_token_ids if t != hf.image_token_id]
+        expected = hf.image_embeds(image, 16, importance, text_ids)
+        torch.testing.assert_close(projected, expected, rtol=1e-4, atol=1e-4)
+        assert list(out.outputs[0].token_ids) == hf.greedy(out.prompt_token_ids, [expected], STEPS)
+        seen.append(projected)
+    assert not torch.allclose(seen[0], seen[1]), "the prompt should change the selection"
+    cls_embeds = hf.image_embeds(image, 16)
+    assert not torch.allclose(seen[0], cls_embeds), f"{importance} should differ from cls"
+
+
+def test_bad_importance_is_rejected(llm):
+    from idselect.importance_source import ImportanceError
+
+    with pytest.raises(ImportanceError, match="visual_token_importance"):
+        llm.generate(_request(PROMPT, [make_image(81)], 16, "attention"), _greedy())
 
 
 def _metric(name: str, labels: dict[str, str] | None = None) -> float:

@@ -37,11 +37,14 @@ from idselect.selection import id_select_batched
 from idselect.vllm_plugin import metrics
 from idselect.vllm_plugin.capture import encode_with_cls_scores
 from idselect.vllm_plugin.processing import (
+    IMPORTANCE_FIELD,
     KEEP_FIELD,
+    TEXT_FIELD,
     BudgetInfoMixin,
     BudgetProcessorMixin,
     item_budget,
 )
+from idselect.vllm_plugin.prompt_importance import ImagePrompts
 from idselect.vllm_plugin.settings import PluginSettings
 
 logger = init_logger("vllm.idselect.plugin")  # under "vllm": vLLM's log handlers
@@ -57,6 +60,9 @@ def supports_pruning(hf_config) -> bool:
 
 
 class IDSelectLlavaProcessingInfo(BudgetInfoMixin, LlavaProcessingInfo):
+    def supports_prompt_importance(self) -> bool:
+        return True
+
     def full_tokens_per_item(self, processed: BatchFeature) -> list[int]:
         # Every image is resized to the tower's input: the count does not depend on its size.
         size = self.get_image_size_with_most_features()
@@ -129,22 +135,28 @@ class IDSelectLlavaForConditionalGeneration(LlavaForConditionalGeneration):
 
     def embed_multimodal(self, **kwargs: object):
         keep = kwargs.pop(KEEP_FIELD, None)
+        importance = kwargs.pop(IMPORTANCE_FIELD, None)
+        text_ids = kwargs.pop(TEXT_FIELD, None)
         image_input = self._parse_and_validate_image_input(**kwargs)
         if image_input is None:
             return []
         if keep is None or image_input["type"] != "pixel_values" or not self._prunes:
             return self._process_image_input(image_input)
         keeps = [int(k) for k in torch.as_tensor(keep).flatten().tolist()]
-        return self._embed_selected(image_input["pixel_values"], keeps)
+        prompts = ImagePrompts.from_fields(importance, text_ids, len(keeps))
+        return self._embed_selected(image_input["pixel_values"], keeps, prompts)
 
-    def _embed_selected(self, pixel_values: torch.Tensor, keeps: list[int]) -> tuple[torch.Tensor]:
+    def _embed_selected(
+        self, pixel_values: torch.Tensor, keeps: list[int], prompts: ImagePrompts
+    ) -> tuple[torch.Tensor]:
         if len(keeps) != len(pixel_values):
             raise RuntimeError(f"{len(keeps)} budgets for {len(pixel_values)} images")
         micro = self.idselect_settings.encoder_micro_batch
         kept_features: list[torch.Tensor] = []
         for start in range(0, len(pixel_values), micro):
             batch = pixel_values[start : start + micro]
-            kept_features.extend(self._select_batch(batch, keeps[start : start + micro]))
+            part = slice(start, start + micro)
+            kept_features.extend(self._select_batch(batch, keeps[part], prompts[part]))
 
         sizes = [f.shape[0] for f in kept_features]
         embeds = self.multi_modal_projector(torch.cat(kept_features))
@@ -159,7 +171,9 @@ class IDSelectLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         vc = self.config.vision_config
         return (vc.image_size // vc.patch_size) ** 2
 
-    def _select_batch(self, pixel_values: torch.Tensor, keeps: list[int]) -> list[torch.Tensor]:
+    def _select_batch(
+        self, pixel_values: torch.Tensor, keeps: list[int], prompts: ImagePrompts
+    ) -> list[torch.Tensor]:
         if all(k == 0 for k in keeps):
             return list(self._image_pixels_to_features(self.vision_tower, pixel_values))
         features, scores = encode_with_cls_scores(
@@ -168,6 +182,10 @@ class IDSelectLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             pixel_values,
         )
         started = time.perf_counter()
+        if prompts.any_prompt_aware():
+            scores = prompts.rescore(
+                scores, features, self.multi_modal_projector, self.language_model.embed_input_ids
+            )
         n = features.shape[1]
         picks = id_select_batched(
             features,

@@ -33,7 +33,13 @@ from idselect.selection import id_select
 from idselect.vllm_plugin import metrics
 from idselect.vllm_plugin.capture import encode_with_cls_scores
 from idselect.vllm_plugin.llava import supports_pruning
-from idselect.vllm_plugin.processing import KEEP_FIELD, BudgetInfoMixin, BudgetProcessorMixin
+from idselect.vllm_plugin.processing import (
+    IMPORTANCE_FIELD,
+    KEEP_FIELD,
+    TEXT_FIELD,
+    BudgetInfoMixin,
+    BudgetProcessorMixin,
+)
 from idselect.vllm_plugin.settings import PluginSettings
 
 
@@ -85,6 +91,9 @@ class IDSelectLlavaNextForConditionalGeneration(LlavaNextForConditionalGeneratio
 
     def embed_multimodal(self, **kwargs: object):
         budgets = kwargs.pop(KEEP_FIELD, None)
+        # Prompt-aware sources are refused by this model's processor: only [CLS] scores arrive.
+        kwargs.pop(IMPORTANCE_FIELD, None)
+        kwargs.pop(TEXT_FIELD, None)
         image_input = self._parse_and_validate_image_input(**kwargs)
         if image_input is None:
             return []

@@ -8,6 +8,7 @@ encoder runs. Model-specific counting stays in each architecture's ProcessingInf
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -18,6 +19,13 @@ from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 from vllm.multimodal.processing.inputs import ProcessorInputs
 
 from idselect.budget import BUDGET_KEY, BudgetError, budget_bucket, validate_budget
+from idselect.importance_source import (
+    IMPORTANCE_KEY,
+    IMPORTANCE_SOURCES,
+    ImportanceError,
+    ImportanceSource,
+    validate_importance,
+)
 from idselect.vllm_plugin import metrics
 from idselect.vllm_plugin.settings import PluginSettings
 
@@ -25,6 +33,16 @@ from idselect.vllm_plugin.settings import PluginSettings
 # 0 means "no pruning" (no budget, or one at least the image's full count), so every image
 # carries the field and items still batch together.
 KEEP_FIELD = "idselect_num_kept"
+# Importance source per image (index into IMPORTANCE_SOURCES) and, for the prompt-aware ones,
+# the prompt's text token ids (padded with -1): the embedding step has no prompt of its own.
+IMPORTANCE_FIELD = "idselect_importance"
+TEXT_FIELD = "idselect_text_ids"
+MAX_TEXT_TOKENS = 256
+# Internal processor kwarg that carries the prompt's text ids to the per-item hooks. Being a
+# processor kwarg, it is part of the item's cache hash: prompt-aware embeddings of the same image
+# under a different prompt are never served from the encoder or prefix cache.
+_TEXT_IDS_KWARG = "_idselect_text_ids"
+_OUR_KWARGS = (BUDGET_KEY, IMPORTANCE_KEY, _TEXT_IDS_KWARG)
 
 # Dummy inputs for memory profiling go through `apply` too; they are not traffic.
 _profiling = contextvars.ContextVar("idselect_profiling", default=False)
@@ -44,6 +62,13 @@ class BudgetInfoMixin:
         """The request's budget if it gave one (null counts as not given), else the default."""
         requested = validate_budget(hf_processor_mm_kwargs.get(BUDGET_KEY))
         return requested if requested is not None else self.get_settings().default_budget
+
+    def resolve_importance(self, hf_processor_mm_kwargs: Mapping[str, object]) -> ImportanceSource:
+        requested = validate_importance(hf_processor_mm_kwargs.get(IMPORTANCE_KEY))
+        return requested or self.get_settings().default_importance
+
+    def supports_prompt_importance(self) -> bool:
+        return False
 
     def full_tokens(self, width: int, height: int) -> int:
         """Image tokens vLLM's stock model gives this image."""
@@ -65,7 +90,7 @@ class BudgetProcessorMixin:
     ) -> BatchFeature:
         # Keep the budget away from transformers: it would warn, and vLLM would build and cache
         # one HF processor per distinct budget value.
-        hf_kwargs = {k: v for k, v in hf_kwargs.items() if k != BUDGET_KEY}
+        hf_kwargs = {k: v for k, v in hf_kwargs.items() if k not in _OUR_KWARGS}
         return super()._call_hf_processor(hf_data, hf_kwargs)
 
     def _postprocess_hf_mm_data(
@@ -82,6 +107,14 @@ class BudgetProcessorMixin:
             fulls = self.info.full_tokens_per_item(processed_data)
             keeps = [0 if budget is None or budget >= full else budget for full in fulls]
             processed_data[KEEP_FIELD] = torch.tensor(keeps, dtype=torch.long)
+            source = self.info.resolve_importance(hf_processor_mm_kwargs)
+            text = torch.full((len(keeps), MAX_TEXT_TOKENS), -1, dtype=torch.long)
+            ids = list(hf_processor_mm_kwargs.get(_TEXT_IDS_KWARG) or ())[-MAX_TEXT_TOKENS:]
+            if ids:
+                text[:, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            code = IMPORTANCE_SOURCES.index(source)
+            processed_data[IMPORTANCE_FIELD] = torch.full((len(keeps),), code, dtype=torch.long)
+            processed_data[TEXT_FIELD] = text
         return processed_data
 
     def _get_mm_fields_config(
@@ -90,6 +123,8 @@ class BudgetProcessorMixin:
         return {
             **super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs),
             KEEP_FIELD: MultiModalFieldConfig.batched("image", keep_on_cpu=True),
+            IMPORTANCE_FIELD: MultiModalFieldConfig.batched("image", keep_on_cpu=True),
+            TEXT_FIELD: MultiModalFieldConfig.batched("image", keep_on_cpu=True),
         }
 
     def _get_prompt_updates(
@@ -124,10 +159,26 @@ class BudgetProcessorMixin:
         # Validate up front: with every image served from the processor cache, the per-item
         # hooks never see the request's kwargs.
         budget = self.info.resolve_budget(inputs.hf_processor_mm_kwargs)
+        source = self.info.resolve_importance(inputs.hf_processor_mm_kwargs)
+        if source != "cls":
+            inputs = self._with_prompt_text(inputs)
         result = super().apply(inputs, timing_ctx)
         if not _profiling.get():
             self._record(inputs, result, budget)
         return result
+
+    def _with_prompt_text(self, inputs: ProcessorInputs) -> ProcessorInputs:
+        if not self.info.supports_prompt_importance():
+            raise ImportanceError(
+                f"{IMPORTANCE_KEY} 'text' and 'unified' are not supported for this model yet"
+            )
+        prompt = inputs.prompt
+        if isinstance(prompt, str):
+            prompt = self.info.get_tokenizer().encode(prompt)
+        image_token = self.info.get_hf_config().image_token_index
+        text_ids = tuple(t for t in prompt if t != image_token)
+        kwargs = {**inputs.hf_processor_mm_kwargs, _TEXT_IDS_KWARG: text_ids}
+        return dataclasses.replace(inputs, hf_processor_mm_kwargs=kwargs)
 
     def get_dummy_mm_inputs(self, *args, **kwargs):
         token = _profiling.set(True)

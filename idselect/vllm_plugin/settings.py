@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from idselect.budget import BUDGET_KEY, validate_budget
+from idselect.importance_source import IMPORTANCE_KEY, ImportanceSource, validate_importance
 
 GAMMA_KEY = "idselect_gamma"
 SUPPRESSION_KEY = "idselect_suppression"
@@ -25,6 +26,7 @@ class PluginSettings:
     # Images per vision-tower pass: the scheduler charges only K placeholders per image against
     # the encoder budget, so one encoder batch can hold far more images than profiling assumed.
     encoder_micro_batch: int = 8
+    default_importance: ImportanceSource = "cls"
 
     @classmethod
     def from_hf_config(cls, hf_config: Any) -> PluginSettings:
@@ -38,16 +40,19 @@ class PluginSettings:
             raise ValueError(f"{SUPPRESSION_KEY} must be 'subtract' or 'multiply'")
         if isinstance(micro, bool) or not isinstance(micro, int) or micro < 1:
             raise ValueError(f"{MICRO_BATCH_KEY} must be an integer >= 1, got {micro!r}")
-        return cls(budget, gamma, suppression, micro)
+        importance = validate_importance(getattr(hf_config, IMPORTANCE_KEY, None)) or "cls"
+        return cls(budget, gamma, suppression, micro, importance)
 
     @classmethod
     def for_model(cls, vllm_config: Any) -> PluginSettings:
         """Settings of a model being built, refusing the one place a default must not go."""
         mm_config = vllm_config.model_config.multimodal_config
-        if mm_config is not None and BUDGET_KEY in (mm_config.mm_processor_kwargs or {}):
-            raise ValueError(
-                f"set the default {BUDGET_KEY} with `idselect serve --visual-token-budget N` "
-                f"(or hf_overrides={{'{BUDGET_KEY}': N}}), not --mm-processor-kwargs, which would "
-                "hand it to the Hugging Face processor"
-            )
+        configured = (mm_config.mm_processor_kwargs or {}) if mm_config is not None else {}
+        for key in (BUDGET_KEY, IMPORTANCE_KEY):
+            if key in configured:
+                raise ValueError(
+                    f"set the default {key} with the `idselect serve` flag (or "
+                    f"hf_overrides={{'{key}': ...}}), not --mm-processor-kwargs, which would "
+                    "hand it to the Hugging Face processor"
+                )
         return cls.from_hf_config(vllm_config.model_config.hf_config)
