@@ -12,6 +12,9 @@ ARCHITECTURES = {
     "LlavaForConditionalGeneration": (
         "idselect.vllm_plugin.llava:IDSelectLlavaForConditionalGeneration"
     ),
+    "Qwen2_5_VLForConditionalGeneration": (
+        "idselect.vllm_plugin.qwen2_5_vl:IDSelectQwen2_5_VLForConditionalGeneration"
+    ),
     "LlavaNextForConditionalGeneration": (
         "idselect.vllm_plugin.llava_next:IDSelectLlavaNextForConditionalGeneration"
     ),
