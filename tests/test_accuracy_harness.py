@@ -1,0 +1,115 @@
+"""The accuracy-retention harness end to end: generated shapes data, a tiny-model server, the
+OpenAI endpoint at two budgets; plus its scoring rules (no server). The tiny model answers
+gibberish, so only the plumbing and the report's structure are checked, not the scores."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.accuracy import exact_match, load_items, normalize_answer, score, vqa_accuracy
+from benchmarks.make_shapes_dataset import write_dataset
+from server.launch import TINY_MODEL_ARGS, running_server
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "accuracy.py"
+
+
+@pytest.mark.parametrize(("raw", "normalized"), [
+    ("Red", "red"),
+    ("The square.", "square"),
+    ("  two\n", "2"),
+    ("None", "0"),
+    ("an apple!", "apple"),
+    ("black-and-white", "black and white"),
+    ("1,000", "1000"),
+    ("3.5", "3.5"),
+    ("dont", "don't"),
+    ("Yes, it is.", "yes it is"),
+])
+def test_answer_normalisation(raw, normalized):
+    assert normalize_answer(raw) == normalized
+
+
+def test_vqa_accuracy_and_exact_match():
+    answers = ["2", "2", "two", "3", "3", "2", "2", "2", "2", "4"]
+    assert vqa_accuracy("Two.", answers) == 1.0
+    assert vqa_accuracy("3", answers) == pytest.approx(2 / 3)
+    assert vqa_accuracy("4", answers) == pytest.approx(1 / 3)
+    assert vqa_accuracy("5", answers) == 0.0
+    assert exact_match("two", answers) == 1.0  # the majority answer, normalised
+    assert exact_match("3", answers) == 0.0
+    assert exact_match("Red", ["red", "blue"]) == 1.0  # a tie goes to the first listed
+
+
+def test_score_reports_percent_of_full():
+    items = [{"question": "q", "answers": ["red"] * 10, "kind": "color"},
+             {"question": "q", "answers": ["2"] * 10, "kind": "count"}]
+
+    def ok(text):
+        return {"ok": True, "text": text, "latency_s": 0.1, "prompt_tokens": 10,
+                "visual_tokens_kept": 4, "visual_tokens_original": 576}
+
+    answers = {"full": [ok("red"), ok("two")], "16": [ok("Red."), ok("3")],
+               "8": [ok("blue"), {"ok": False, "error": "HTTP 500"}]}
+    rows = {r["budget"]: r for r in score(items, answers, [None, 16, 8])}
+    assert rows["full"]["vqa_accuracy"] == 100 and rows["16"]["vqa_accuracy"] == 50
+    assert rows["16"]["vqa_accuracy_pct_of_full"] == 50
+    assert rows["16"]["vqa_accuracy_by_kind"] == {"color": 100, "count": 0}
+    assert rows["8"]["errors"] == 1 and rows["8"]["questions"] == 1
+    assert rows["8"]["exact_match_pct_of_full"] == 0
+
+
+def test_shapes_dataset_generator(tmp_path):
+    path = write_dataset(tmp_path / "shapes", items=8, seed=3)
+    items = load_items(path)
+    assert len(items) == 8
+    assert {i["kind"] for i in items} == {"color", "shape", "count", "exists"}
+    for item in items:
+        assert (path.parent / item["image"]).is_file()
+        assert len(item["answers"]) == 10 and len(set(item["answers"])) == 1
+    assert write_dataset(tmp_path / "again", items=8, seed=3).read_text() == path.read_text()
+
+
+@pytest.mark.engine
+def test_harness_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path):
+    data = write_dataset(tmp_path / "shapes", items=4, seed=0)
+    out = tmp_path / "accuracy"
+    with running_server(tiny_model_dir, tmp_path / "server.log", *TINY_MODEL_ARGS) as server:
+        done = subprocess.run(
+            [sys.executable, str(SCRIPT), "--data", str(data), "--base-url", server.base_url,
+             "--budgets", "full,16", "--max-tokens", "4", "--concurrency", "2",
+             "--out", str(out)],
+            capture_output=True, text=True, timeout=300, check=False,
+        )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "[8/8]" in done.stderr  # progress
+
+    report = json.loads((out / "accuracy.json").read_text())
+    png = (out / "accuracy.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+    assert report["data"] == {"path": str(data), "questions": 4}
+    assert report["settings"]["budgets"] == ["full", "16"]
+    rows = report["budgets"]
+    assert [r["budget"] for r in rows] == ["full", "16"]
+    for row in rows:
+        assert row["questions"] == 4 and row["errors"] == 0
+        assert 0 <= row["exact_match"] <= 100 and 0 <= row["vqa_accuracy"] <= 100
+        for key in ("exact_match_pct_of_full", "vqa_accuracy_pct_of_full"):
+            assert key in row  # None when the full-budget score is 0
+        assert set(row["vqa_accuracy_by_kind"]) == {"color", "shape", "count", "exists"}
+    assert rows[0]["visual_tokens_kept_mean"] == 576 and rows[1]["visual_tokens_kept_mean"] == 16
+    assert len(report["items"]) == 4
+    for item in report["items"]:
+        assert set(item["predictions"]) == {"full", "16"}
+        for prediction in item["predictions"].values():
+            assert prediction["ok"] and isinstance(prediction["text"], str)
+            assert prediction["vqa_accuracy"] in (0.0, 1 / 3, 2 / 3, 1.0)
+    table = done.stdout
+    assert "VQA acc %" in table and "% of full" in table
+    assert [line.split()[0] for line in table.splitlines()
+            if line.split() and line.split()[0] in ("full", "16")] == ["full", "16"]
