@@ -97,32 +97,10 @@ def hub_layout(state_dict: dict) -> dict:
     }
 
 
-def write_tiny_llava(out_dir: str | Path, spec: TinyLlavaSpec = TinyLlavaSpec()) -> Path:
-    """Write a loadable LLaVA-1.5-shaped model directory and return its path.
+def clip_and_llama_configs(spec: TinyLlavaSpec, tokenizer, max_positions: int | None = None):
+    """CLIP-ViT/14-336 geometry with narrow layers, and a Llama text model sized by `spec`."""
+    from transformers import CLIPVisionConfig, LlamaConfig
 
-    Idempotent: an existing directory written with the same spec is left as it is, so tests and
-    the demo can call this freely.
-    """
-    import torch
-    from safetensors.torch import save_file
-    from transformers import (
-        CLIPImageProcessor,
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
-
-    out = Path(out_dir)
-    marker = out / "idselect_tiny_spec.json"
-    spec_json = json.dumps(spec.__dict__, sort_keys=True)
-    if marker.exists() and marker.read_text() == spec_json:
-        return out
-    out.mkdir(parents=True, exist_ok=True)
-
-    tokenizer = build_tokenizer(spec.vocab_size)
-    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     vision = CLIPVisionConfig(
         hidden_size=spec.vision_hidden,
         intermediate_size=spec.vision_hidden * 4,
@@ -141,17 +119,66 @@ def write_tiny_llava(out_dir: str | Path, spec: TinyLlavaSpec = TinyLlavaSpec())
         num_key_value_heads=spec.text_heads,
         head_dim=spec.text_hidden // spec.text_heads,
         vocab_size=len(tokenizer),
-        max_position_embeddings=spec.max_position_embeddings,
+        max_position_embeddings=max_positions or spec.max_position_embeddings,
         initializer_range=spec.initializer_range,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
     )
+    return vision, text
+
+
+CLIP_IMAGE_STATS = {
+    "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_std": [0.26862954, 0.26130258, 0.27577711],
+}
+
+
+def already_written(out: Path, spec_json: str) -> bool:
+    """Written before with the same spec? (The marker is written last, after every file.)"""
+    return (out / "idselect_tiny_spec.json").exists() and (
+        out / "idselect_tiny_spec.json"
+    ).read_text() == spec_json
+
+
+def save_model(model, out: Path, spec_json: str, processor) -> None:
+    """Config, generation config, Hub-layout safetensors, processor files, then the marker."""
+    from safetensors.torch import save_file
+
+    model.config.save_pretrained(out)
+    model.generation_config.save_pretrained(out)
+    save_file(hub_layout(model.state_dict()), out / "model.safetensors", metadata={"format": "pt"})
+    processor.save_pretrained(out)
+    (out / "idselect_tiny_spec.json").write_text(spec_json)
+
+
+def write_tiny_llava(out_dir: str | Path, spec: TinyLlavaSpec = TinyLlavaSpec()) -> Path:
+    """Write a loadable LLaVA-1.5-shaped model directory and return its path.
+
+    Idempotent: an existing directory written with the same spec is left as it is, so tests and
+    the demo can call this freely.
+    """
+    import torch
+    from transformers import (
+        CLIPImageProcessor,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    out = Path(out_dir)
+    spec_json = json.dumps(spec.__dict__, sort_keys=True)
+    if already_written(out, spec_json):
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+
+    tokenizer = build_tokenizer(spec.vocab_size)
+    vision, text = clip_and_llama_configs(spec, tokenizer)
     config = LlavaConfig(
         vision_config=vision,
         text_config=text,
-        image_token_index=image_token_id,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         projector_hidden_act="gelu",
         vision_feature_select_strategy="default",
         vision_feature_layer=-2,
@@ -162,15 +189,8 @@ def write_tiny_llava(out_dir: str | Path, spec: TinyLlavaSpec = TinyLlavaSpec())
 
     torch.manual_seed(spec.seed)
     model = LlavaForConditionalGeneration(config).to(torch.float32).eval()
-    config.save_pretrained(out)
-    model.generation_config.save_pretrained(out)
-    save_file(hub_layout(model.state_dict()), out / "model.safetensors", metadata={"format": "pt"})
-
     image_processor = CLIPImageProcessor(
-        size={"shortest_edge": 336},
-        crop_size={"height": 336, "width": 336},
-        image_mean=[0.48145466, 0.4578275, 0.40821073],
-        image_std=[0.26862954, 0.26130258, 0.27577711],
+        size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}, **CLIP_IMAGE_STATS
     )
     processor = LlavaProcessor(
         image_processor=image_processor,
@@ -180,6 +200,5 @@ def write_tiny_llava(out_dir: str | Path, spec: TinyLlavaSpec = TinyLlavaSpec())
         num_additional_image_tokens=1,
         chat_template=CHAT_TEMPLATE,
     )
-    processor.save_pretrained(out)
-    marker.write_text(spec_json)
+    save_model(model, out, spec_json, processor)
     return out
