@@ -43,8 +43,9 @@ def unit_rows(x: Tensor, *, inplace: bool = False) -> Tensor:
 def normalize_scores(scores: Tensor) -> Tensor:
     """Min-max normalise each row (last dim) to [0, 1]; an all-equal row becomes all ones.
 
-    This is the per-image normalisation of the ID-Selection spec: it makes `gamma`-suppression
-    independent of the raw score scale. Result dtype is fp32 (fp64 stays fp64).
+    Step 2 of the ID-Selection spec: every image lands on the same scale, and the zero floor that
+    subtractive suppression clamps to means "as unimportant as this image's least important
+    token". Result dtype is fp32 (fp64 stays fp64); inputs must be finite with a finite range.
     """
     if not isinstance(scores, Tensor):
         raise ValueError(f"scores must be a torch.Tensor, got {type(scores).__name__}")

@@ -1,6 +1,6 @@
 """ID-Selection: greedy importance-first picking with similarity-based score suppression.
 
-Implements /work/shared/design/id-selection.md step by step, per image:
+Implements the project's ID-Selection specification (design doc `id-selection.md`), per image:
   1. K >= N keeps every token;
   2. scores are min-max normalised to [0, 1] (`normalize_scores`);
   3. w_ij = exp(-gamma * (1 - cos(x_i, x_j))^2) on L2-normalised features;
@@ -10,8 +10,9 @@ Implements /work/shared/design/id-selection.md step by step, per image:
   5. return the picks sorted ascending (raster order).
 
 All math is fp32 on the input's device. Each pick computes one similarity row (O(N*D) time,
-O(N) memory); on CPU this beats precomputing the N x N matrix at every size we benchmark
-(see benchmarks/selection.py). The loop never syncs with the host, so it also runs on GPUs.
+O(N) extra memory): on CPU the N x N GEMM alone costs more than the whole selection at the
+budgets that matter (K <= N/10; see benchmarks/selection.py). Inputs are validated with one host
+sync; the pick loop itself never syncs, so it runs unchanged on GPUs.
 """
 
 from __future__ import annotations
@@ -268,7 +269,7 @@ def id_select_batched(
     return _select(images, gamma, suppression) if images else []
 
 
-def _as_budgets(ks: object) -> list:
+def _as_budgets(ks: object) -> list[object]:
     if isinstance(ks, Tensor):
         return ks.flatten().tolist()
     if isinstance(ks, Sequence) and not isinstance(ks, str | bytes):
