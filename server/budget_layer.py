@@ -16,6 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from idselect.budget import budget_bucket
 from server.errors import openai_error
 from server.metrics import code_class, request_metrics
+from server.openai_errors import normalise
 from server.request_budget import BUDGET_PATHS, BudgetedRequest, RequestRejected, prepare
 from server.settings import ServerSettings
 
@@ -49,9 +50,19 @@ class VisualBudgetMiddleware:
                 )(scope, receive, send_status)
                 return
             try:
-                request = prepare(json.loads(body), settings)
-            except ValueError:  # not JSON: vLLM answers with its own 400
-                request = None
+                payload = json.loads(body)
+            except (ValueError, RecursionError) as exc:  # not JSON, or nested absurdly deep
+                if _declares_json(scope):
+                    await openai_error(
+                        400,
+                        "We could not parse the JSON body of your request: "
+                        f"{_json_problem(exc)}. Send a JSON object.",
+                        code="invalid_json",
+                    )(scope, receive, send_status)
+                    return
+                payload = None  # vLLM names the wrong content type in its own 400
+            try:
+                request = prepare(payload, settings)
             except RequestRejected as exc:
                 await openai_error(400, str(exc), param=exc.param, code=exc.code)(
                     scope, receive, send_status
@@ -71,6 +82,17 @@ class VisualBudgetMiddleware:
             m = request_metrics()
             m.requests.labels(label, code_class(status["code"])).inc()
             m.duration.labels(label).observe(time.perf_counter() - started)
+
+
+def _declares_json(scope: Scope) -> bool:
+    content_type = dict(scope.get("headers", [])).get(b"content-type", b"")
+    return content_type.split(b";")[0].strip().lower() == b"application/json"
+
+
+def _json_problem(exc: Exception) -> str:
+    if isinstance(exc, RecursionError):
+        return "it is nested too deeply"
+    return str(exc)[:200] or type(exc).__name__
 
 
 async def _read_body(receive: Receive, limit: int) -> bytes | None:
@@ -108,6 +130,10 @@ def _replay(body: bytes, receive: Receive) -> Receive:
 def _with_content_length(headers: list[tuple[bytes, bytes]], length: int) -> list:
     kept = [(k, v) for k, v in headers if k.lower() != b"content-length"]
     return [*kept, (b"content-length", str(length).encode())]
+
+
+# Substrings of the only SSE events this layer changes (a usage object or an error).
+_EVENT_MARKERS = (b'"usage": {', b'"usage":{', b'"error"')
 
 
 class _UsagePatcher:
@@ -186,12 +212,16 @@ class _UsagePatcher:
 
     def _patch_event(self, event: bytes) -> bytes:
         prefix = b"data: "
-        if not event.startswith(prefix) or event == b"data: [DONE]":
-            return event
+        if not event.startswith(prefix) or not any(m in event for m in _EVENT_MARKERS):
+            return event  # token chunks pass unparsed: this runs once per token per choice
         try:
             payload = json.loads(event[len(prefix) :])
         except ValueError:
             return event
+        if isinstance(payload, dict) and isinstance(payload.get("error"), dict):
+            # An error after the 200 (e.g. the engine died mid-stream): OpenAI's shape too.
+            status = payload["error"].get("code")
+            payload = normalise(status if isinstance(status, int) else 500, payload)
         return prefix + json.dumps(self._with_usage(payload)).encode()
 
     def _with_usage(self, payload: Any) -> Any:

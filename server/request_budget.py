@@ -1,17 +1,20 @@
-"""Map the request's `visual_token_budget` onto vLLM's multimodal processor kwargs.
+"""Map the request's `visual_token_budget` (and `visual_token_importance`) onto vLLM's
+multimodal processor kwargs.
 
 Clients may send the budget at the top level (the documented way) or as
 `mm_processor_kwargs.visual_token_budget`. vLLM would reject any per-request
 `mm_processor_kwargs` unless the whole set of Hugging Face processor kwargs is opened to clients;
-the server opens it internally and this module lets exactly the budget key through.
+the server opens it internally and this module lets exactly these two keys through.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from idselect.budget import BUDGET_KEY, BudgetError, kept_tokens, validate_budget
+from idselect.importance_source import IMPORTANCE_KEY, validate_importance
 from server.settings import ServerSettings
 
 BUDGET_PATHS = ("/v1/chat/completions", "/v1/completions")
@@ -42,20 +45,26 @@ class BudgetedRequest:
         }
 
 
+# Request options clients may set, at the top level or inside mm_processor_kwargs.
+_OPTIONS: dict[str, Callable[[object], object]] = {
+    BUDGET_KEY: validate_budget,
+    IMPORTANCE_KEY: validate_importance,
+}
+
+
 def prepare(body: Any, settings: ServerSettings) -> BudgetedRequest | None:
     """Validate and rewrite a request body; None when it is not ours to judge (vLLM will)."""
     if not isinstance(body, dict):
         return None
-    top = _validated(body, BUDGET_KEY, BUDGET_KEY)
     mm_kwargs = body.get("mm_processor_kwargs")
-    nested = None
+    if mm_kwargs is not None and not isinstance(mm_kwargs, dict):
+        raise RequestRejected("mm_processor_kwargs must be an object", "mm_processor_kwargs")
     if isinstance(mm_kwargs, dict):
-        nested = _validated(mm_kwargs, BUDGET_KEY, f"mm_processor_kwargs.{BUDGET_KEY}")
-        others = sorted(k for k in mm_kwargs if k != BUDGET_KEY)
+        others = sorted(k for k in mm_kwargs if k not in _OPTIONS)
         if others and not settings.trust_all_mm_kwargs:
             raise RequestRejected(
-                f"mm_processor_kwargs may only contain '{BUDGET_KEY}' on this server "
-                f"(got {others[:5]})",
+                f"mm_processor_kwargs may only contain {', '.join(map(repr, _OPTIONS))} on this "
+                f"server (got {others[:5]})",
                 "mm_processor_kwargs",
                 "unsupported_parameter",
             )
@@ -65,35 +74,42 @@ def prepare(body: Any, settings: ServerSettings) -> BudgetedRequest | None:
             "media_io_kwargs",
             "unsupported_parameter",
         )
-    if top is not None and nested is not None and top != nested:
-        raise RequestRejected(
-            f"{BUDGET_KEY} is given twice with different values ({top} and {nested})", BUDGET_KEY
-        )
 
-    requested = top if top is not None else nested
-    rewritten = {k: v for k, v in body.items() if k != BUDGET_KEY}
-    if isinstance(mm_kwargs, dict):
-        mm_kwargs = {k: v for k, v in mm_kwargs.items() if k != BUDGET_KEY}
-    if requested is not None:
-        mm_kwargs = {**(mm_kwargs or {}), BUDGET_KEY: requested}
-    if mm_kwargs:
-        rewritten["mm_processor_kwargs"] = mm_kwargs
+    requested = {key: _requested(body, mm_kwargs, key) for key in _OPTIONS}
+    rewritten = {k: v for k, v in body.items() if k not in _OPTIONS}
+    kept_mm = {k: v for k, v in (mm_kwargs or {}).items() if k not in _OPTIONS}
+    kept_mm.update({k: v for k, v in requested.items() if v is not None})
+    if kept_mm:
+        rewritten["mm_processor_kwargs"] = kept_mm
     else:
         rewritten.pop("mm_processor_kwargs", None)
 
+    budget = requested[BUDGET_KEY]
     return BudgetedRequest(
         body=rewritten,
-        budget=requested if requested is not None else settings.default_budget,
+        budget=budget if budget is not None else settings.default_budget,
         images=_count_images(body.get("messages")),
         stream=body.get("stream") is True,
     )
 
 
-def _validated(container: dict[str, Any], key: str, param: str) -> int | None:
+def _requested(body: dict[str, Any], mm_kwargs: object, key: str) -> Any:
+    """The option's value from the top level or mm_processor_kwargs (they must agree)."""
+    top = _validated(body, key, key)
+    nested = None
+    if isinstance(mm_kwargs, dict):
+        nested = _validated(mm_kwargs, key, f"mm_processor_kwargs.{key}")
+    if top is not None and nested is not None and top != nested:
+        raise RequestRejected(f"{key} is given twice with different values ({top} and {nested})",
+                              key)
+    return top if top is not None else nested
+
+
+def _validated(container: dict[str, Any], key: str, param: str) -> Any:
     try:
-        return validate_budget(container.get(key))
-    except BudgetError as exc:
-        raise RequestRejected(str(exc).replace(BUDGET_KEY, param, 1), param) from None
+        return _OPTIONS[key](container.get(key))
+    except BudgetError as exc:  # ImportanceError is one too
+        raise RequestRejected(str(exc).replace(key, param, 1), param) from None
 
 
 def _count_images(messages: Any) -> int:

@@ -9,14 +9,37 @@ not run the plugin's model class.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
 import tempfile
+from typing import Any
 
 from idselect.budget import BUDGET_KEY
+from server.media_policy import (
+    DEFAULT_FETCH_TIMEOUT_S,
+    DEFAULT_MAX_IMAGE_BYTES,
+    DEFAULT_MAX_IMAGE_PIXELS,
+    MAX_REDIRECTS,
+    MediaPolicy,
+)
 
-MIDDLEWARE = ("server.budget_layer.VisualBudgetMiddleware", "server.auth.ApiKeyMiddleware")
+# vLLM adds these in order and each added one wraps the ones before: the last is outermost.
+MIDDLEWARE = (
+    "server.engine_guard.EngineGuardMiddleware",
+    "server.budget_layer.VisualBudgetMiddleware",
+    "server.openai_errors.OpenAIErrorMiddleware",
+    "server.auth.ApiKeyMiddleware",
+)
+# Defaults that differ from `vllm serve`'s: drain in-flight requests for up to 30 s on SIGTERM
+# (vLLM's 0 aborts them), at most 8 images per request (vLLM's 999), and no multimodal
+# processor cache: vLLM 0.32's front-end/engine mirrored cache can drift when the same image is
+# in flight concurrently, and vLLM then fails the request with a 500 for the client to retry
+# (seen in the soak). `--mm-processor-cache-gb N` turns it back on.
+SHUTDOWN_TIMEOUT_S = 30
+DEFAULT_IMAGE_LIMIT = 8
+MM_PROCESSOR_CACHE_GB = 0
 
 
 def _positive_int(text: str) -> int:
@@ -26,6 +49,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
     return value
 
 
@@ -64,6 +97,40 @@ def build_parser():
         default=32 * 1024 * 1024,
         help="Largest accepted completion request body; larger ones get HTTP 413.",
     )
+    media = parser.add_argument_group(
+        "idselect media safety",
+        "Image URLs are fetched only over http(s), only from globally routable addresses (every "
+        "redirect hop and every resolved address is checked), within these limits. vLLM's "
+        "--allowed-media-domains restricts fetches to the listed hosts and lets those resolve to "
+        "private addresses.",
+    )
+    media.add_argument(
+        "--allow-private-media-urls",
+        action="store_true",
+        help="Also fetch image URLs that resolve to loopback, private or link-local addresses "
+        "(only for servers whose clients are trusted).",
+    )
+    media.add_argument(
+        "--max-image-bytes",
+        type=_positive_int,
+        default=DEFAULT_MAX_IMAGE_BYTES,
+        help="Largest image, downloaded or inline (data: URL), in bytes.",
+    )
+    media.add_argument(
+        "--max-image-pixels",
+        type=_positive_int,
+        default=DEFAULT_MAX_IMAGE_PIXELS,
+        help="Largest image in pixels (width x height, read from the header before decoding).",
+    )
+    media.add_argument(
+        "--media-fetch-timeout",
+        type=_positive_float,
+        default=DEFAULT_FETCH_TIMEOUT_S,
+        help="Seconds one image download may take in all, redirects included.",
+    )
+    parser.set_defaults(
+        shutdown_timeout=SHUTDOWN_TIMEOUT_S, mm_processor_cache_gb=MM_PROCESSOR_CACHE_GB
+    )
     return parser
 
 
@@ -99,10 +166,26 @@ def _adopt_idselect_options(args: argparse.Namespace) -> dict:
     # asked for vLLM's --trust-request-mm-kwargs); vLLM must not reject it first.
     args.trust_request_mm_kwargs = True
     args.middleware = [*(args.middleware or []), *MIDDLEWARE]
+    if not args.limit_mm_per_prompt:
+        args.limit_mm_per_prompt = {"image": DEFAULT_IMAGE_LIMIT}
     return {"api_keys": keys, "trust_all": trust_all}
 
 
+def media_policy(args: argparse.Namespace) -> MediaPolicy:
+    """The media fetch rules from our flags and vLLM's own media options."""
+    redirects = os.environ.get("VLLM_MEDIA_URL_ALLOW_REDIRECTS", "1").strip() not in ("0", "")
+    return MediaPolicy(
+        allow_private=args.allow_private_media_urls,
+        allowed_domains=tuple(args.allowed_media_domains or ()),
+        max_image_bytes=args.max_image_bytes,
+        max_image_pixels=args.max_image_pixels,
+        fetch_timeout_s=args.media_fetch_timeout,
+        max_redirects=MAX_REDIRECTS if redirects else 0,
+    )
+
+
 async def run(args: argparse.Namespace, options: dict) -> None:
+    import psutil
     from vllm.entrypoints.launchers.api_server.entry import (
         build_and_serve,
         build_async_engine_client,
@@ -112,6 +195,7 @@ async def run(args: argparse.Namespace, options: dict) -> None:
 
     from idselect.vllm_plugin import full_image_tokens
     from idselect.vllm_plugin.selfcheck import PluginNotActiveError, verify_async
+    from server import engine_guard, media_fetch
     from server.settings import ServerSettings
 
     logger = init_logger("vllm.idselect.serve")  # under "vllm": vLLM's log handlers
@@ -122,6 +206,8 @@ async def run(args: argparse.Namespace, options: dict) -> None:
     signal.signal(signal.SIGTERM, _interrupt_init)
     listen_address, sock = setup_server(args, reuse_port=False)
     async with build_async_engine_client(args) as engine_client:
+        engine_guard.watch_shutdown(engine_client)
+        engine_processes = _engine_processes(psutil.Process())
         model_config = engine_client.model_config
         hf_config = model_config.hf_config
         try:
@@ -144,11 +230,52 @@ async def run(args: argparse.Namespace, options: dict) -> None:
             args.visual_token_budget or "none (full)",
             "required" if options["api_keys"] else "not required",
         )
+        logger.info("idselect: media %s", media_fetch.current_policy())
         shutdown_task = await build_and_serve(engine_client, listen_address, sock, args)
     try:
         await shutdown_task
     finally:
         sock.close()
+        await media_fetch.close_sessions()
+    failed = _failed_engine_process(engine_client)
+    if failed:  # vLLM stopped serving because the engine died: tell the supervisor
+        # vLLM leaves the dead engine's model workers running (re-parented, GBs of memory).
+        _stop_processes(engine_processes)
+        logger.error("idselect: engine process %s died; exiting with status 1", failed)
+        raise SystemExit(1)
+
+
+def _engine_processes(main: Any) -> list:
+    """This server's descendants, except multiprocessing's resource tracker (it must outlive
+    the others to release their shared memory, and exits by itself)."""
+    import psutil
+
+    found = []
+    for process in main.children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if "resource_tracker" not in " ".join(process.cmdline()):
+                found.append(process)
+    return found
+
+
+def _stop_processes(processes: list, timeout: float = 10) -> None:
+    """SIGTERM the processes still alive (psutil checks their identity), SIGKILL stragglers."""
+    import psutil
+
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            process.terminate()
+    _, alive = psutil.wait_procs(processes, timeout=timeout)
+    for process in alive:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+
+
+def _failed_engine_process(engine_client: object) -> str | None:
+    """Name of an engine process that exited with an error while serving (vLLM records it)."""
+    resources = getattr(getattr(engine_client, "engine_core", None), "resources", None)
+    manager = getattr(resources, "engine_manager", None)
+    return getattr(manager, "failed_proc_name", None)
 
 
 def main(argv: list[str]) -> None:
@@ -161,6 +288,9 @@ def main(argv: list[str]) -> None:
     args = parse_args(argv)
     configure_logging_from_args(args)
     options = _adopt_idselect_options(args)
+    from server import media_fetch
+
+    media_fetch.install(media_policy(args))
     try:
         uvloop.run(run(args, options))
     except KeyboardInterrupt:

@@ -199,3 +199,18 @@ def test_server_default_budget_applies_and_requests_override_it(defaulted, text_
     overridden = _chat(client, model_id, [make_image(7)], 10**9)
     assert overridden.usage.prompt_tokens == text_tokens(QUESTION, 1) + FULL
     assert httpx.get(defaulted.base_url + "/health", timeout=10).status_code == 200
+
+
+def test_importance_source_per_request(client, model_id, text_tokens):
+    for source in ("cls", "text", "unified"):
+        response = client.chat.completions.create(
+            model=model_id, messages=image_message(QUESTION, make_image(8)), max_tokens=2,
+            extra_body={"visual_token_budget": 16, "visual_token_importance": source},
+        )
+        assert response.usage.prompt_tokens == text_tokens(QUESTION, 1) + 16
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(
+            model=model_id, messages=image_message(QUESTION, make_image(8)), max_tokens=2,
+            extra_body={"visual_token_importance": "attention"},
+        )
+    assert info.value.body["param"] == "visual_token_importance"
