@@ -17,6 +17,7 @@ import tempfile
 from typing import Any
 
 from idselect.budget import BUDGET_KEY
+from idselect.importance_source import IMPORTANCE_KEY, IMPORTANCE_SOURCES
 from server.media_policy import (
     DEFAULT_FETCH_TIMEOUT_S,
     DEFAULT_MAX_IMAGE_BYTES,
@@ -92,6 +93,14 @@ def build_parser():
         "(default: no pruning; env IDSELECT_VISUAL_TOKEN_BUDGET).",
     )
     group.add_argument(
+        "--visual-token-importance",
+        choices=IMPORTANCE_SOURCES,
+        default=os.environ.get("IDSELECT_VISUAL_TOKEN_IMPORTANCE") or None,
+        help="Default importance score when a request gives no visual_token_importance: cls "
+        "([CLS] attention, the default), text (pre-LLM prompt relevance) or unified (their mean); "
+        "env IDSELECT_VISUAL_TOKEN_IMPORTANCE.",
+    )
+    group.add_argument(
         "--max-request-bytes",
         type=_positive_int,
         default=32 * 1024 * 1024,
@@ -143,6 +152,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args.model = args.model_tag
     if isinstance(args.visual_token_budget, str):  # from the environment
         args.visual_token_budget = _positive_int(args.visual_token_budget)
+    if args.visual_token_importance not in (None, *IMPORTANCE_SOURCES):  # from the environment
+        parser.error(f"--visual-token-importance must be one of {', '.join(IMPORTANCE_SOURCES)}")
     validate_parsed_serve_args(args)
     if args.api_server_count not in (None, 1) or args.headless:
         parser.error("idselect serve runs a single API server; --api-server-count/--headless "
@@ -161,6 +172,11 @@ def _adopt_idselect_options(args: argparse.Namespace) -> dict:
 
     if args.visual_token_budget is not None:
         args.hf_overrides = {**(args.hf_overrides or {}), BUDGET_KEY: args.visual_token_budget}
+    if args.visual_token_importance is not None:
+        args.hf_overrides = {
+            **(args.hf_overrides or {}),
+            IMPORTANCE_KEY: args.visual_token_importance,
+        }
     trust_all = bool(args.trust_request_mm_kwargs)
     # The budget layer admits exactly the budget key per request (or everything if the operator
     # asked for vLLM's --trust-request-mm-kwargs); vLLM must not reject it first.

@@ -30,7 +30,8 @@ def keyed(tiny_model_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def defaulted(tiny_model_dir, tmp_path_factory):
     logs = tmp_path_factory.mktemp("logs")
-    with tiny_server(tiny_model_dir, logs, "--visual-token-budget", "32") as s:
+    with tiny_server(tiny_model_dir, logs, "--visual-token-budget", "32",
+                     "--visual-token-importance", "unified") as s:
         yield s
 
 
@@ -198,6 +199,7 @@ def test_server_default_budget_applies_and_requests_override_it(defaulted, text_
     assert _chat(client, model_id, [make_image(7)], None).usage.visual_tokens_kept == 32
     overridden = _chat(client, model_id, [make_image(7)], 10**9)
     assert overridden.usage.prompt_tokens == text_tokens(QUESTION, 1) + FULL
+    assert "importance=unified" in defaulted.log()  # the worker got the deployment default
     assert httpx.get(defaulted.base_url + "/health", timeout=10).status_code == 200
 
 

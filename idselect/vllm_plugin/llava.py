@@ -126,9 +126,11 @@ class IDSelectLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             feature_layer = self.vision_tower.vision_model.encoder.layers[-1]
             self._feature_attn = feature_layer.self_attn
         logger.info(
-            "idselect: ID-Selection %s (default budget: %s, gamma=%s, suppression=%s)",
+            "idselect: ID-Selection %s (default budget: %s, importance=%s, gamma=%s, "
+            "suppression=%s)",
             "active" if self._prunes else "unavailable for this vision tower",
             self.idselect_settings.default_budget or "full",
+            self.idselect_settings.default_importance,
             self.idselect_settings.gamma,
             self.idselect_settings.suppression,
         )
