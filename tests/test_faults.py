@@ -1,0 +1,246 @@
+"""Faults against real servers: clients that disconnect, SIGTERM, and an engine that dies.
+
+Two servers: the first serves the disconnect tests and is then stopped with SIGTERM while
+requests are in flight; the second has its EngineCore process killed.
+
+Timing: the tiny model decodes 1800 tokens (`ignore_eos`) in 0.5-5 s depending on the
+machine's load, so requests that must still be running when the fault hits ask for `n` such
+sequences at once (seconds even on an idle machine), and the tests check state (metrics,
+counts), not durations, wherever they can.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import threading
+import time
+
+import httpx
+import psutil
+import pytest
+
+from tests.robust_helpers import assert_openai_error, metric_total
+from tests.server_harness import tiny_server
+
+pytestmark = pytest.mark.engine
+
+LONG = 1800
+MANY = 16  # sequences in a request that must outlast a fault (16 x 1800 tokens)
+
+
+def long_request(model: str, stream: bool = False, max_tokens: int = LONG, n: int = 1) -> dict:
+    body = {"model": model, "max_tokens": max_tokens, "ignore_eos": True, "stream": stream,
+            "n": n, "messages": [{"role": "user", "content": "Tell me a long story."}]}
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    return body
+
+
+def model_id(base_url: str) -> str:
+    return httpx.get(base_url + "/v1/models", timeout=30).json()["data"][0]["id"]
+
+
+def scrape(base_url: str, name: str) -> float:
+    return metric_total(httpx.get(base_url + "/metrics", timeout=30).text, name)
+
+
+def usage_of_stream(lines: list[str]) -> dict | None:
+    usage = None
+    for line in lines:
+        if line.startswith("data: {"):
+            usage = json.loads(line[6:]).get("usage") or usage
+    return usage
+
+
+class Background:
+    """Run one HTTP request in a thread; keep its response or exception."""
+
+    def __init__(self, fn) -> None:
+        self.result: object = None
+        self.thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
+        self.thread.start()
+
+    def _run(self, fn) -> None:
+        try:
+            self.result = fn()
+        except Exception as exc:  # noqa: BLE001 - reported by the test
+            self.result = exc
+
+    def wait(self, timeout: float) -> object:
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "request still running"
+        return self.result
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, tmp_path_factory):
+    # A long drain window: the drain test's requests must finish even on a loaded CI machine.
+    with tiny_server(tiny_model_dir, tmp_path_factory.mktemp("logs"),
+                     "--shutdown-timeout", "120") as s:
+        yield s
+
+
+def test_serve_defaults_drain_30s_on_sigterm():
+    from server.serve import build_parser
+
+    assert build_parser().parse_args(["model"]).shutdown_timeout == 30
+
+
+def assert_generation_stops(base_url: str, before: float) -> None:
+    """No sequence is still generating, and the aborted request never produced its tokens."""
+    time.sleep(3)
+    generated = scrape(base_url, "vllm:generation_tokens_total") - before
+    assert generated < MANY * LONG, f"{generated} tokens: the request ran to completion"
+    assert scrape(base_url, "vllm:num_requests_running") == 0
+    time.sleep(1.5)
+    assert scrape(base_url, "vllm:generation_tokens_total") - before == generated
+
+
+def test_client_disconnect_mid_stream_aborts_the_request(server):
+    model = model_id(server.base_url)
+    before = scrape(server.base_url, "vllm:generation_tokens_total")
+    chunks = 0
+    with httpx.stream("POST", server.base_url + "/v1/chat/completions",
+                      json=long_request(model, stream=True, n=MANY), timeout=60) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            chunks += line.startswith("data: ")
+            if chunks >= 5:
+                break  # leaving the block closes the connection mid-stream
+    assert_generation_stops(server.base_url, before)
+
+
+def test_client_timeout_on_a_non_streamed_request_aborts_it(server):
+    model = model_id(server.base_url)
+    before = scrape(server.base_url, "vllm:generation_tokens_total")
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.base_url + "/v1/chat/completions", json=long_request(model, n=MANY),
+                   timeout=httpx.Timeout(60, read=0.5))
+    assert_generation_stops(server.base_url, before)
+
+
+def test_server_still_answers_after_disconnects(server):
+    model = model_id(server.base_url)
+    response = httpx.post(server.base_url + "/v1/chat/completions",
+                          json=long_request(model, max_tokens=8), timeout=60)
+    assert response.status_code == 200
+    assert response.json()["usage"]["completion_tokens"] == 8
+
+
+def test_sigterm_drains_in_flight_requests_and_exits_zero(server):
+    """Runs last on this server: it stops it.
+
+    A plain request for 16 x 1800 tokens goes in alone (so it reaches the engine at once) and is
+    still generating when SIGTERM comes; a streamed one follows. The plain one must be drained
+    to its last token. The streamed one must be drained too, or, if the busy front end had not
+    handed it to the engine before the signal, refused with a clean 503 (on this 2-core machine
+    the API server sometimes admits a second request only after the first one's outputs).
+    The engine's own log line counts what was in flight (/metrics answers too slowly here).
+    """
+    url = server.base_url + "/v1/chat/completions"
+    model = model_id(server.base_url)
+    plain = Background(lambda: httpx.post(url, json=long_request(model, n=MANY), timeout=300))
+    time.sleep(1.0)
+    lines: list[str] = []
+    n_stream = 2
+
+    def streamed() -> int:
+        with httpx.stream("POST", url, json=long_request(model, stream=True, n=n_stream),
+                          timeout=300) as response:
+            for line in response.iter_lines():
+                lines.append(line)
+            return response.status_code
+
+    stream = Background(streamed)
+    time.sleep(1.0)
+    assert plain.thread.is_alive(), plain.result
+
+    os.kill(server.process.pid, signal.SIGTERM)  # the main process only, as Kubernetes does
+    time.sleep(0.5)
+    try:  # new work is refused while draining (or the port is already closed)
+        late = httpx.post(url, json=long_request(model, max_tokens=4), timeout=30)
+    except httpx.TransportError:
+        late = None
+    if late is not None:
+        assert assert_openai_error(late, 503)["code"] == "server_shutting_down"
+
+    response = plain.wait(300)
+    assert isinstance(response, httpx.Response), response
+    assert response.status_code == 200, response.text[:300]
+    assert response.json()["usage"]["completion_tokens"] == MANY * LONG
+    status = stream.wait(300)
+    if status == 200:
+        assert usage_of_stream(lines)["completion_tokens"] == n_stream * LONG
+        assert "data: [DONE]" in lines
+    else:
+        assert status == 503, (status, lines[:3])
+        assert "server_shutting_down" in "".join(lines)
+    assert server.process.wait(90) == 0
+    drained = re.search(r"draining in-flight requests count=(\d+)", server.log())
+    assert drained, "nothing was in flight at SIGTERM"
+    expected = MANY + (n_stream if status == 200 else 0)
+    assert int(drained.group(1)) == expected
+
+
+@pytest.fixture(scope="module")
+def doomed(tiny_model_dir, tmp_path_factory):
+    with tiny_server(tiny_model_dir, tmp_path_factory.mktemp("logs")) as s:
+        yield s
+
+
+def test_engine_death_fails_fast_with_503_and_exit_status_1(doomed):
+    url = doomed.base_url + "/v1/chat/completions"
+    model = model_id(doomed.base_url)
+    main = psutil.Process(doomed.process.pid)
+    family = main.children(recursive=True)
+    engine = next(p for p in family if "EngineCore" in p.name())
+
+    # Plain first, alone, so it is in the engine; then a stream (see the SIGTERM test).
+    in_flight = Background(
+        lambda: httpx.post(url, json=long_request(model, n=MANY), timeout=60))
+    time.sleep(1.0)
+    lines: list[str] = []
+
+    def streamed() -> int:
+        with httpx.stream("POST", url, json=long_request(model, stream=True, n=MANY),
+                          timeout=60) as response:
+            lines.extend(response.iter_lines())
+            return response.status_code
+
+    in_flight_stream = Background(streamed)
+    time.sleep(1.0)
+    assert in_flight.thread.is_alive(), in_flight.result
+    engine.kill()
+    killed_at = time.monotonic()
+
+    response = in_flight.wait(30)
+    status = in_flight_stream.wait(30)
+    assert time.monotonic() - killed_at < 15, "an in-flight request hung"
+    assert isinstance(response, httpx.Response), response
+    assert assert_openai_error(response, 503)["code"] == "engine_unavailable"
+    if status == 200:  # the stream had started: it ends with an OpenAI-shaped error event
+        errors = [json.loads(x[6:])["error"] for x in lines if x.startswith('data: {"error"')]
+        assert len(errors) == 1 and errors[0]["type"] == "server_error", lines[-3:]
+    else:  # it had not: a plain 503 like any request after the death
+        assert status == 503 and "engine_unavailable" in "".join(lines), (status, lines[:3])
+
+    # Until vLLM closes the server (a moment later), requests and /health fail fast.
+    for _ in range(5):
+        started = time.monotonic()
+        try:
+            late = httpx.post(url, json=long_request(model, max_tokens=4), timeout=10)
+            assert assert_openai_error(late, 503)["type"] == "server_error"
+            health = httpx.get(doomed.base_url + "/health", timeout=10).status_code
+            assert health == 503
+        except httpx.TransportError:
+            pass  # the server has already stopped listening
+        assert time.monotonic() - started < 5
+        time.sleep(0.2)
+
+    assert doomed.process.wait(60) == 1  # a supervisor sees the failure and restarts it
+    assert "died; exiting with status 1" in doomed.log()
+    gone, alive = psutil.wait_procs(family, timeout=30)
+    assert not alive, f"engine processes left behind: {alive}"
