@@ -17,6 +17,7 @@ from idselect.budget import budget_bucket
 from server.errors import openai_error
 from server.metrics import code_class, request_metrics
 from server.openai_errors import normalise
+from server.openai_rules import check_chat_request, check_completion_request
 from server.request_budget import BUDGET_PATHS, BudgetedRequest, RequestRejected, prepare
 from server.settings import ServerSettings
 
@@ -62,6 +63,8 @@ class VisualBudgetMiddleware:
                     return
                 payload = None  # vLLM names the wrong content type in its own 400
             try:
+                if isinstance(payload, dict):
+                    _CHECKS[path](payload)
                 request = prepare(payload, settings)
             except RequestRejected as exc:
                 await openai_error(400, str(exc), param=exc.param, code=exc.code)(
@@ -82,6 +85,13 @@ class VisualBudgetMiddleware:
             m = request_metrics()
             m.requests.labels(label, code_class(status["code"])).inc()
             m.duration.labels(label).observe(time.perf_counter() - started)
+
+
+# OpenAI's request rules that vLLM does not enforce (server.openai_rules), per endpoint.
+_CHECKS = {
+    "/v1/chat/completions": check_chat_request,
+    "/v1/completions": check_completion_request,
+}
 
 
 def _declares_json(scope: Scope) -> bool:

@@ -32,6 +32,7 @@ MIDDLEWARE = (
     "server.budget_layer.VisualBudgetMiddleware",
     "server.openai_errors.OpenAIErrorMiddleware",
     "server.auth.ApiKeyMiddleware",
+    "server.openapi_schema.OpenAPISchemaMiddleware",
 )
 # Defaults that differ from `vllm serve`'s: drain in-flight requests for up to 30 s on SIGTERM
 # (vLLM's 0 aborts them), at most 8 images per request (vLLM's 999), and no multimodal
