@@ -9,31 +9,39 @@ Implements the project's ID-Selection specification (design doc `id-selection.md
      ties go to the higher original score, then the lower index;
   5. return the picks sorted ascending (raster order).
 
-All math is fp32 on the input's device. Each pick computes one similarity row (O(N*D) time,
-O(N) extra memory): on CPU the N x N GEMM alone costs more than the whole selection at the
-budgets that matter (K <= N/10; see benchmarks/selection.py). Inputs are validated with one host
-sync; the pick loop itself never syncs, so it runs unchanged on GPUs.
+All math is fp32 on the input's device. Two backends run the greedy loop over one shared
+preparation (`selection_batch.py`: tie order, normalised scores, the N x N weight matrix):
+`torch` issues a fixed handful of ops per pick for the whole batch, `triton`
+(`selection_triton.py`) runs all picks of a batch in one kernel launch. They read the same
+weights and round the same way, so they pick the same tokens. `auto` (the default) takes Triton
+for CUDA tensors when triton imports and torch otherwise; `IDSELECT_SELECTION_BACKEND` overrides
+that choice for a deployment. Inputs are validated with one host sync per call; nothing after
+it syncs, so the same code runs on GPUs.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+import os
+from collections.abc import Callable, Sequence
+from functools import cache
 from numbers import Integral, Real
 from typing import Literal
 
 import torch
 from torch import Tensor
 
-from idselect.importance import normalize_scores, unit_rows
+from idselect import selection_batch
 
 Suppression = Literal["subtract", "multiply"]
 SUPPRESSION_MODES: tuple[str, ...] = ("subtract", "multiply")
 DEFAULT_GAMMA = 20.0
 
-# Current score of picked (and padding) tokens: below every normalised score in [0, 1].
-_PICKED = -1.0
+Backend = Literal["auto", "torch", "triton"]
+BACKENDS: tuple[str, ...] = ("auto", "torch", "triton")
+BACKEND_ENV = "IDSELECT_SELECTION_BACKEND"
+
+GreedyLoop = Callable[[selection_batch.Batch, str, float], Tensor]
 
 
 def check_k(k: object, name: str = "k") -> int:
@@ -61,11 +69,60 @@ def check_suppression(suppression: object) -> str:
     return str(suppression)
 
 
-def check_selection_inputs(features: object, scores: object, k: object, where: str = "") -> int:
+def check_backend(backend: object, name: str = "backend") -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"{name} must be one of {BACKENDS}, got {backend!r}")
+    return str(backend)
+
+
+@cache
+def _triton_module():  # noqa: ANN202 - the module, or None when triton does not import
+    try:
+        from idselect import selection_triton
+    except ImportError:
+        return None
+    return selection_triton
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """"torch" or "triton" for tensors on `device`; explains why when "triton" cannot run there.
+
+    "auto" takes IDSELECT_SELECTION_BACKEND when it is set, else Triton for CUDA tensors when
+    triton imports, else torch (without importing triton).
+    """
+    backend = check_backend(backend)
+    if backend == "auto":
+        backend = check_backend(os.environ.get(BACKEND_ENV) or "auto", BACKEND_ENV)
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and _triton_module() is not None else "torch"
+    if backend == "triton":
+        triton_module = _triton_module()
+        if triton_module is None:
+            raise ValueError("the triton selection backend needs triton, which does not import")
+        if device.type != "cuda" and not triton_module.is_interpreted():
+            raise ValueError(
+                f"the triton selection backend runs on CUDA tensors (or on CPU with "
+                f"TRITON_INTERPRET=1 set before triton is imported); got {device.type} tensors"
+            )
+    return backend
+
+
+def _greedy_loop(backend: str, device: torch.device) -> GreedyLoop:
+    if resolve_backend(backend, device) == "triton":
+        greedy = _triton_module().greedy
+        return lambda batch, suppression, gamma: greedy(batch, suppression)
+    return selection_batch.torch_greedy
+
+
+def check_selection_inputs(
+    features: object, scores: object, k: object, where: str = "", *, values: bool = True
+) -> int:
     """Validate one image's (features (N, D), scores (N,), k); return k as an int.
 
     Shared by every selector so that they all accept and refuse exactly the same inputs.
     `where` is appended to parameter names in messages (e.g. "[3]" for the 4th image).
+    `values=False` checks types and shapes only (no device work): the caller checks the values
+    of a whole batch at once.
     """
     f_name, s_name = f"features{where}", f"scores{where}"
     k = check_k(k, f"k{where}")
@@ -85,7 +142,7 @@ def check_selection_inputs(features: object, scores: object, k: object, where: s
         raise ValueError(f"{f_name} must have at least one feature dimension (D >= 1)")
     if features.device != scores.device:
         raise ValueError(f"{f_name} is on {features.device} but {s_name} is on {scores.device}")
-    if scores.numel():
+    if values and scores.numel():
         # aminmax propagates NaN and exposes inf: one cheap pass and one host sync per tensor pair.
         f_lo, f_hi = torch.aminmax(features)
         s_lo, s_hi = torch.aminmax(scores)
@@ -99,120 +156,48 @@ def check_selection_inputs(features: object, scores: object, k: object, where: s
     return k
 
 
-@dataclass(frozen=True)
-class _Image:
-    """One image prepared for the greedy loop, tokens reordered so ties resolve by position.
-
-    Tokens are stably sorted by original score (descending), so "higher original score, then lower
-    index" is simply "first position", which is exactly how torch.max breaks ties.
-    """
-
-    x: Tensor  # (N, D) fp32 unit rows, in `order`
-    s: Tensor  # (N,) normalised scores, in `order`
-    order: Tensor  # (N,) original index of each position
-    k: int
-
-
-def _prepare(features: Tensor, scores: Tensor, k: int) -> _Image:
-    original = scores.to(torch.float32)
-    order = torch.sort(original, descending=True, stable=True).indices
-    x = unit_rows(features.index_select(0, order).to(torch.float32), inplace=True)
-    return _Image(x=x, s=normalize_scores(original).index_select(0, order), order=order, k=k)
-
-
-@dataclass(frozen=True)
-class _Kernel:
-    """The suppression kernel, with its constants already on the images' device."""
-
-    gamma: float
-    mode: str
-    minus_one: Tensor
-    zero: Tensor
-
-    def row(self, image: _Image, pick: Tensor, out: Tensor) -> None:
-        """Write w (subtract) or 1 - w (multiply) between token `pick` and all tokens to `out`.
-
-        Computed per image, never batched across images, so that a batch reproduces single-image
-        calls bit for bit: batched matmuls round differently from per-matrix ones.
-        """
-        query = image.x.index_select(0, pick)[0]
-        torch.addmv(self.minus_one, image.x, query, out=out)  # cos - 1
-        torch.addcmul(self.zero, out, out, value=-self.gamma, out=out)  # -gamma * d^2
-        if self.mode == "subtract":
-            out.exp_()
-        else:
-            out.expm1_().neg_()  # 1 - exp(-gamma d^2), accurate when w is close to 1
-
-
-@torch.no_grad()
-def _greedy(images: list[_Image], gamma: float, mode: str) -> list[Tensor]:
-    """Run the greedy picks for images that all have k < N, vectorised across images.
-
-    Images are ordered by k (descending) so the ones still picking at step t are a prefix of the
-    batch; finished images simply drop out. Padding positions start at the picked sentinel.
-    """
-    rank = sorted(range(len(images)), key=lambda i: -images[i].k)
-    images = [images[i] for i in rank]
-    device = images[0].x.device
-    width = max(im.x.shape[0] for im in images)
-    k_max = images[0].k
-
-    # state[:, 0] = current scores; state[:, 1] = bound that fixes picked tokens at _PICKED:
-    # a floor (0, then _PICKED) for "subtract", a ceiling (+inf, then _PICKED) for "multiply".
-    state = torch.full((len(images), 2, width), _PICKED, device=device)
-    for b, im in enumerate(images):
-        state[b, 0, : im.s.shape[0]] = im.s
-        state[b, 1, : im.s.shape[0]] = 0.0 if mode == "subtract" else math.inf
-    rows = torch.zeros(len(images), width, device=device)
-    scratch = torch.empty_like(rows)
-    picks = torch.empty(len(images), k_max, dtype=torch.long, device=device)
-    active = len(images)
-    kernel = _Kernel(
-        gamma, mode, torch.full((), -1.0, device=device), torch.zeros((), device=device)
-    )
-
-    for t in range(k_max):
-        while images[active - 1].k <= t:
-            active -= 1
-        st = state[:active]
-        current, bound = st[:, 0], st[:, 1]
-        value, pick = current.max(dim=1, keepdim=True)  # first maximum = tie rule
-        picks[:active, t : t + 1] = pick
-        st.scatter_(2, pick.unsqueeze(1).expand(active, 2, 1), _PICKED)
-        for b in range(active):
-            n = images[b].x.shape[0]
-            kernel.row(images[b], pick[b], rows[b, :n])
-        if mode == "subtract":
-            # Separate mul and sub (not addcmul): each is exactly rounded however it is vectorised.
-            torch.mul(rows[:active], value, out=scratch[:active])
-            current.sub_(scratch[:active])
-            torch.maximum(current, bound, out=current)
-        else:
-            current.mul_(rows[:active])
-            torch.minimum(current, bound, out=current)
-
-    result: list[Tensor] = [torch.empty(0)] * len(images)
-    for b, im in enumerate(images):
-        result[rank[b]] = im.order.index_select(0, picks[b, : im.k]).sort().values
-    return result
+def _check_values(features: Sequence[Tensor], scores: Sequence[Tensor], where: bool) -> None:
+    """Finite features, finite non-negative scores: one reduction pass and one host sync for the
+    whole batch; only a failing batch is scanned per image, to name the image in the message."""
+    if not any(s.numel() for s in scores):
+        return
+    flat = [
+        t[0].reshape(-1) if len(t) == 1 else torch.cat([v.reshape(-1) for v in t])
+        for t in (features, scores)
+    ]
+    # aminmax propagates NaN and exposes inf.
+    bounds = torch.stack([v.to(torch.float64) for t in flat for v in torch.aminmax(t)]).tolist()
+    if all(math.isfinite(v) for v in bounds) and bounds[2] >= 0:
+        return
+    for i, (f, s) in enumerate(zip(features, scores, strict=True)):
+        check_selection_inputs(f, s, 1, where=f"[{i}]" if where else "")
 
 
 def _select(
-    images: list[tuple[Tensor, Tensor, int]], gamma: float, suppression: str
+    images: list[tuple[Tensor, Tensor, int]], gamma: float, suppression: str, backend: str
 ) -> list[Tensor]:
-    """Keep-all shortcut for k >= N, greedy loop for the rest."""
+    """Keep-all for k >= N; the greedy loop for the rest, in as few prepared batches as fit."""
     out: list[Tensor | None] = [None] * len(images)
-    pending: list[int] = []
-    for i, (features, _, k) in enumerate(images):
-        if k >= features.shape[0]:
-            out[i] = torch.arange(features.shape[0], device=features.device)
-        else:
-            pending.append(i)
+    pending = [i for i, (f, _, k) in enumerate(images) if k < f.shape[0]]
+    whole = [i for i, (f, _, k) in enumerate(images) if k >= f.shape[0]]
+    if whole:
+        span = torch.arange(max(images[i][0].shape[0] for i in whole), device=images[0][0].device)
+        for i in whole:
+            out[i] = span[: images[i][0].shape[0]]
     if pending:
+        loop = _greedy_loop(backend, images[pending[0]][0].device)
+        shapes = [tuple(images[i][0].shape) for i in pending]
         with torch.no_grad():
-            prepared = [_prepare(*images[i]) for i in pending]
-        for i, picked in zip(pending, _greedy(prepared, gamma, suppression), strict=True):
-            out[i] = picked
+            for chunk in selection_batch.chunks(shapes):
+                members = [pending[j] for j in chunk]
+                batch = selection_batch.prepare([images[i] for i in members], gamma, suppression)
+                if batch.weights is None:  # too large for a weight matrix: rows per pick
+                    positions = selection_batch.torch_greedy(batch, suppression, gamma)
+                else:
+                    positions = loop(batch, suppression, gamma)
+                picked = selection_batch.finish(batch, positions)
+                for i, indices in zip(members, picked, strict=True):
+                    out[i] = indices
     return [t for t in out if t is not None]
 
 
@@ -223,17 +208,18 @@ def id_select(
     *,
     gamma: float = DEFAULT_GAMMA,
     suppression: Suppression = "subtract",
+    backend: Backend = "auto",
 ) -> Tensor:
     """Select min(k, N) of N visual tokens by ID-Selection; indices sorted ascending (int64).
 
     `features` (N, D) define similarity, `scores` (N,) non-negative importance (any real dtype;
     math is fp32 on the input's device). Deterministic; ties go to the higher original score,
-    then the lower index. Zero feature vectors count as orthogonal to everything.
+    then the lower index. Zero feature vectors count as orthogonal to everything. `backend`
+    ("auto", "torch", "triton") chooses how the greedy loop runs, never what it picks.
     """
-    k = check_selection_inputs(features, scores, k)
-    gamma = check_gamma(gamma)
-    suppression = check_suppression(suppression)
-    return _select([(features, scores, k)], gamma, suppression)[0]
+    return id_select_batched(
+        [features], [scores], [k], gamma=gamma, suppression=suppression, backend=backend, _one=True
+    )[0]
 
 
 def id_select_batched(
@@ -243,12 +229,14 @@ def id_select_batched(
     *,
     gamma: float = DEFAULT_GAMMA,
     suppression: Suppression = "subtract",
+    backend: Backend = "auto",
+    _one: bool = False,
 ) -> list[Tensor]:
     """`id_select` for many images at once, each with its own k; identical results, bit for bit.
 
     `features` is (B, N, D) or a list of (N_i, D); `scores` is (B, N) or a list of (N_i,); all
-    images must share a device. The picks of all images advance together (one loop over
-    max k); only the similarity row is computed per image, to stay bit-exact.
+    images must share a device. The picks of all images advance together, with the same number
+    of ops per pick (torch) or one kernel launch (triton) whatever the batch size.
     """
     features_list = _as_images(features, "features", 3)
     scores_list = _as_images(scores, "scores", 2)
@@ -260,13 +248,18 @@ def id_select_batched(
         )
     gamma = check_gamma(gamma)
     suppression = check_suppression(suppression)
+    backend = check_backend(backend)
     images = []
     for i, (f, s, k) in enumerate(zip(features_list, scores_list, ks, strict=True)):
-        images.append((f, s, check_selection_inputs(f, s, k, where=f"[{i}]")))
+        where = "" if _one else f"[{i}]"
+        images.append((f, s, check_selection_inputs(f, s, k, where, values=False)))
     devices = {f.device for f, _, _ in images}
     if len(devices) > 1:
         raise ValueError(f"all images must be on one device, got {sorted(map(str, devices))}")
-    return _select(images, gamma, suppression) if images else []
+    if not images:
+        return []
+    _check_values(features_list, scores_list, where=not _one)
+    return _select(images, gamma, suppression, backend)
 
 
 def _as_budgets(ks: object) -> list[object]:

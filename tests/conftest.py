@@ -4,6 +4,8 @@ Environment set here, before anything imports prometheus_client or vLLM:
 - PROMETHEUS_MULTIPROC_DIR: the plugin's selection histogram is recorded in the spawned model
   worker; multiprocess mode lets the test process read it (this is how the server runs too).
 - VLLM_CPU_KVCACHE_SPACE: the CPU backend would otherwise try to reserve most of host RAM.
+And triton is imported under its CPU interpreter before anything else imports it, so that the
+selection tests can run the Triton kernel on CPU tensors (tests/triton_interpreter.py).
 """
 
 from __future__ import annotations
@@ -13,6 +15,10 @@ import tempfile
 
 os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="idselect-prom-"))
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+from tests.triton_interpreter import import_interpreted  # noqa: E402
+
+import_interpreted()
 
 from pathlib import Path  # noqa: E402
 

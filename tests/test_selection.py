@@ -1,5 +1,9 @@
 """ID-Selection against hand-worked examples, an fp64 reference, and its defining properties.
 
+Every test runs twice, once per backend: `id_select`'s default backend "auto" follows
+IDSELECT_SELECTION_BACKEND, which the module fixture sets to "torch", then to "triton" (the
+Triton kernel through Triton's CPU interpreter).
+
 Kernel values used in the worked examples (gamma = 20, w = exp(-20 * (1 - cos)^2)):
     cos 1    -> w = 1            cos 0.96 -> w = 0.9685     cos 0.8 -> w = 0.4493
     cos 0.6  -> w = 0.0408       cos 0    -> w = 2.1e-9     cos <= -0.8 -> w < 1e-28
@@ -15,8 +19,15 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from idselect.selection import id_select, id_select_batched
+from tests.triton_interpreter import selection_backend
 
 SETTINGS = settings(max_examples=60, deadline=None)
+
+
+@pytest.fixture(scope="module", autouse=True, params=["torch", "triton"])
+def backend(request: pytest.FixtureRequest):
+    with selection_backend(request.param):
+        yield request.param
 
 
 def select(features, scores, k, **kw) -> list[int]:

@@ -1,0 +1,190 @@
+"""The torch and Triton selection backends: identical picks, backend choice, ops per call.
+
+The Triton kernel runs through Triton's CPU interpreter here (no GPU in CI): that checks its
+logic, tie rule and ragged-batch handling bit for bit against the torch loop, but not the
+compiled kernel (in particular not `enable_fp_fusion=False`, which only matters when compiled).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+import torch
+
+from benchmarks.dispatch_count import count_dispatches
+from idselect import selection_batch
+from idselect.selection import BACKEND_ENV, id_select, id_select_batched, resolve_backend
+from tests.test_selection import reference
+from tests.triton_interpreter import interpreted
+
+CPU = torch.device("cpu")
+
+
+def random_image(gen: torch.Generator, kind: str, n: int, d: int, dtype: torch.dtype):
+    """Features and scores of one of the corpus' kinds of image."""
+    if kind == "grid":  # coarse integers: exact ties and exact duplicate features
+        x = torch.randint(-2, 3, (n, d), generator=gen).float()
+        s = torch.randint(0, 4, (n,), generator=gen).float()
+    elif kind == "duplicates":  # few distinct features, continuous scores
+        base = torch.randn(max(1, n // 4), d, generator=gen)
+        x = base[torch.randint(0, base.shape[0], (n,), generator=gen)]
+        s = torch.rand(n, generator=gen)
+    elif kind == "equal":  # all-equal scores: only similarity decides
+        x = torch.randn(n, d, generator=gen)
+        s = torch.full((n,), 3.0)
+    else:  # continuous, low-dimensional: many close neighbours
+        x = torch.randn(n, d, generator=gen)
+        s = torch.rand(n, generator=gen) * 10
+    return x.to(dtype), s.to(dtype)
+
+
+KINDS = ("grid", "duplicates", "equal", "random")
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def corpus(count: int, seed: int = 2026):
+    """Ragged batches of 1-4 images mixing every kind, dtype and budget (K >= N included)."""
+    gen = torch.Generator().manual_seed(seed)
+    for case in range(count):
+        batch = []
+        for _ in range(int(torch.randint(1, 5, (1,), generator=gen))):
+            n = int(torch.randint(1, 70, (1,), generator=gen))
+            kind = KINDS[(case + len(batch)) % len(KINDS)]
+            dtype = DTYPES[case % len(DTYPES)]
+            x, s = random_image(gen, kind, n, int(torch.randint(1, 9, (1,), generator=gen)), dtype)
+            batch.append((x, s, int(torch.randint(1, n + 3, (1,), generator=gen))))
+        yield case, batch, ("subtract", "multiply")[case % 2]
+
+
+def test_corpus_of_240_cases_picks_identically_on_both_backends():
+    cases = 0
+    for case, batch, mode in corpus(240):
+        xs, ss, ks = map(list, zip(*batch, strict=True))
+        on_torch = id_select_batched(xs, ss, ks, suppression=mode, backend="torch")
+        with interpreted():
+            on_triton = id_select_batched(xs, ss, ks, suppression=mode, backend="triton")
+        assert [t.tolist() for t in on_triton] == [t.tolist() for t in on_torch], case
+        assert [t.dtype for t in on_triton] == [torch.int64] * len(batch)
+        cases += 1
+    assert cases == 240
+
+
+def test_both_backends_match_the_fp64_reference_at_llava_size():
+    gen = torch.Generator().manual_seed(11)
+    x, s = torch.randn(576, 48, generator=gen), torch.rand(576, generator=gen)
+    expected = reference(x, s, 24)
+    assert id_select(x, s, 24, backend="torch").tolist() == expected
+    with interpreted():
+        assert id_select(x, s, 24, backend="triton").tolist() == expected
+
+
+def test_images_too_large_for_a_weight_matrix_stream_their_rows():
+    # N > MATRIX_MAX_TOKENS: no N x N matrix; both backends take the per-pick row path.
+    gen = torch.Generator().manual_seed(5)
+    n = selection_batch.MATRIX_MAX_TOKENS + 7
+    x, s = torch.randn(n, 6, generator=gen), torch.rand(n, generator=gen)
+    small = (torch.randn(50, 6, generator=gen), torch.rand(50, generator=gen))
+    expected = reference(x, s, 6)
+    assert id_select(x, s, 6).tolist() == expected
+    with interpreted():
+        both = id_select_batched([small[0], x], [small[1], s], [9, 6], backend="triton")
+    assert both[1].tolist() == expected
+    assert both[0].tolist() == id_select(*small, 9).tolist()
+
+
+def test_batches_split_by_memory_pick_the_same(monkeypatch: pytest.MonkeyPatch):
+    gen = torch.Generator().manual_seed(3)
+    xs = [torch.randn(n, 4, generator=gen) for n in (30, 60, 45, 60)]
+    ss = [torch.rand(x.shape[0], generator=gen) for x in xs]
+    whole = id_select_batched(xs, ss, [5, 7, 3, 7])
+    # Room for one 60-token matrix per batch: four separate batches.
+    monkeypatch.setattr(selection_batch, "_BATCH_BYTES", 60 * 60 * 4)
+    assert len(list(selection_batch.chunks([tuple(x.shape) for x in xs]))) == 4
+    split = id_select_batched(xs, ss, [5, 7, 3, 7])
+    assert [t.tolist() for t in split] == [t.tolist() for t in whole]
+
+
+# --- choosing the backend -----------------------------------------------------------------
+
+
+def test_auto_is_torch_on_cpu_and_follows_the_deployment_override(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    assert resolve_backend("auto", CPU) == "torch"
+    monkeypatch.setenv(BACKEND_ENV, "torch")
+    assert resolve_backend("auto", CPU) == "torch"
+    with interpreted():
+        monkeypatch.setenv(BACKEND_ENV, "triton")
+        assert resolve_backend("auto", CPU) == "triton"
+        assert resolve_backend("torch", CPU) == "torch"  # an explicit backend wins
+
+
+@pytest.mark.parametrize("value", ["cuda", "Triton", "none"])
+def test_a_bad_override_is_refused_by_name(monkeypatch: pytest.MonkeyPatch, value: str):
+    monkeypatch.setenv(BACKEND_ENV, value)
+    with pytest.raises(ValueError, match=BACKEND_ENV):
+        id_select(torch.randn(5, 3), torch.rand(5), 2)
+
+
+@pytest.mark.parametrize("backend", ["cuda", "", None, 1])
+def test_a_bad_backend_argument_is_refused(backend: object):
+    with pytest.raises(ValueError, match="backend must be one of"):
+        id_select(torch.randn(5, 3), torch.rand(5), 2, backend=backend)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="backend must be one of"):
+        id_select_batched([torch.randn(5, 3)], [torch.rand(5)], [2], backend=backend)  # type: ignore[arg-type]
+
+
+def test_triton_refuses_cpu_tensors_without_the_interpreter():
+    # A fresh process: the kernel compiled for real (no TRITON_INTERPRET) cannot take CPU tensors.
+    code = (
+        "import torch\n"
+        "from idselect.selection import id_select\n"
+        "try:\n"
+        "    id_select(torch.randn(5, 3), torch.rand(5), 2, backend='triton')\n"
+        "except ValueError as e:\n"
+        "    print('refused:', e)\n"
+        "print('auto:', id_select(torch.randn(5, 3), torch.rand(5), 2).tolist() is not None)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", BACKEND_ENV)}
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "refused: the triton selection backend runs on CUDA tensors" in done.stdout
+    assert "auto: True" in done.stdout
+
+
+# --- operations per call (the CPU-visible proxy for GPU kernel launches) ------------------
+
+
+def dispatches(backend: str, images: int, k: int, n: int = 576, d: int = 64) -> Counter[str]:
+    gen = torch.Generator().manual_seed(images * 1000 + k)
+    x, s = torch.randn(images, n, d, generator=gen), torch.rand(images, n, generator=gen)
+    return count_dispatches(lambda: id_select_batched(x, s, [k] * images, backend=backend))
+
+
+def test_torch_backend_ops_per_pick_do_not_grow_with_the_batch():
+    total = {(b, k): dispatches("torch", b, k).total() for b in (1, 8, 16) for k in (16, 64)}
+    for k in (16, 64):
+        assert total[1, k] / k <= 12, total
+        assert total[16, k] <= 1.5 * total[1, k], total
+    # The loop itself: the same ops per extra pick whatever the batch size.
+    assert total[1, 64] - total[1, 16] == total[16, 64] - total[16, 16], total
+
+
+def test_triton_backend_ops_per_call_do_not_grow_with_k():
+    with interpreted():
+        counts = {(b, k): dispatches("triton", b, k) for b in (1, 8) for k in (16, 64)}
+    total = {key: c.total() for key, c in counts.items()}
+    assert total[1, 16] == total[1, 64] and total[8, 16] == total[8, 64], total
+    assert max(total.values()) <= 60, total
+    assert all(c["idselect::triton_greedy_kernel"] == 1 for c in counts.values())
+    # Per image there is exactly its own similarity GEMM (per image, to stay batch-exact); the
+    # rest is per call (a list of images costs two concatenations for its validation).
+    assert counts[8, 16]["aten::mm"] == 8 and counts[1, 16]["aten::mm"] == 1
+    assert total[8, 16] - 8 <= total[1, 16] - 1 + 2, total
