@@ -9,9 +9,14 @@ Bodies that already have OpenAI's shape (ours) pass unchanged; so do streams and
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server.errors import openai_error
+
+logger = logging.getLogger("vllm.idselect.errors")  # under "vllm": vLLM's log handlers
 
 GUARDED_PREFIX = "/v1"
 OPENAI_TYPES = frozenset({
@@ -68,8 +73,11 @@ class OpenAIErrorMiddleware:
         held: dict[str, Any] = {}
         chunks: list[bytes] = []
 
+        sent = {"started": False}
+
         async def send_normalised(message: Message) -> None:
             if message["type"] == "http.response.start":
+                sent["started"] = True
                 headers = dict(message.get("headers", []))
                 if message["status"] >= 400 and headers.get(b"content-type", b"").startswith(
                     b"application/json"
@@ -90,7 +98,19 @@ class OpenAIErrorMiddleware:
                 return
             await send(message)
 
-        await self.app(scope, receive, send_normalised)
+        try:
+            await self.app(scope, receive, send_normalised)
+        except Exception:
+            # An exception vLLM did not handle would reach Starlette's outermost error handler,
+            # which answers past every middleware (vLLM's error shape) and then drops the
+            # connection. Answer in OpenAI's shape here and keep the connection.
+            if sent["started"]:
+                raise
+            logger.exception("idselect: unhandled error in %s %s", scope.get("method"), path)
+            await openai_error(
+                500, "The server had an error while processing your request.",
+                type_="server_error", code="internal_error",
+            )(scope, receive, send)
 
 
 def _rewrite(status: int, body: bytes) -> bytes:

@@ -15,17 +15,14 @@ from typing import Any
 
 from idselect.budget import BUDGET_KEY, BudgetError, kept_tokens, validate_budget
 from idselect.importance_source import IMPORTANCE_KEY, validate_importance
+from server.request_rejected import RequestRejected
 from server.settings import ServerSettings
+from server.vllm_option_rules import check_vllm_options
+
+__all__ = ["BUDGET_PATHS", "BudgetedRequest", "RequestRejected", "prepare"]
 
 BUDGET_PATHS = ("/v1/chat/completions", "/v1/completions")
 _IMAGE_PART_TYPES = {"image_url", "input_image", "image_pil", "image_embeds"}
-
-
-class RequestRejected(Exception):
-    def __init__(self, message: str, param: str, code: str = "invalid_value") -> None:
-        super().__init__(message)
-        self.param = param
-        self.code = code
 
 
 @dataclass(frozen=True)
@@ -85,10 +82,12 @@ def prepare(body: Any, settings: ServerSettings) -> BudgetedRequest | None:
         rewritten.pop("mm_processor_kwargs", None)
 
     budget = requested[BUDGET_KEY]
+    images = _count_images(body.get("messages"))
+    check_vllm_options(body, images)
     return BudgetedRequest(
         body=rewritten,
         budget=budget if budget is not None else settings.default_budget,
-        images=_count_images(body.get("messages")),
+        images=images,
         stream=body.get("stream") is True,
     )
 
