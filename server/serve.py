@@ -18,6 +18,7 @@ from typing import Any
 
 from idselect.budget import BUDGET_KEY
 from idselect.importance_source import IMPORTANCE_KEY, IMPORTANCE_SOURCES
+from idselect.selection import BACKEND_ENV, BACKENDS
 from server.media_policy import (
     DEFAULT_FETCH_TIMEOUT_S,
     DEFAULT_MAX_IMAGE_BYTES,
@@ -102,6 +103,14 @@ def build_parser():
         "env IDSELECT_VISUAL_TOKEN_IMPORTANCE.",
     )
     group.add_argument(
+        "--selection-backend",
+        choices=BACKENDS,
+        default=os.environ.get(BACKEND_ENV) or "auto",
+        help="How the model workers run ID-Selection's greedy loop: triton (one kernel launch "
+        "per encoder batch, CUDA), torch, or auto (triton on CUDA when it imports, else torch); "
+        f"env {BACKEND_ENV}.",
+    )
+    group.add_argument(
         "--max-request-bytes",
         type=_positive_int,
         default=32 * 1024 * 1024,
@@ -153,6 +162,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args.model = args.model_tag
     if isinstance(args.visual_token_budget, str):  # from the environment
         args.visual_token_budget = _positive_int(args.visual_token_budget)
+    if args.selection_backend not in BACKENDS:  # from the environment
+        parser.error(f"{BACKEND_ENV} must be one of {', '.join(BACKENDS)}")
     if args.visual_token_importance not in (None, *IMPORTANCE_SOURCES):  # from the environment
         parser.error(f"--visual-token-importance must be one of {', '.join(IMPORTANCE_SOURCES)}")
     validate_parsed_serve_args(args)
@@ -178,6 +189,8 @@ def _adopt_idselect_options(args: argparse.Namespace) -> dict:
             **(args.hf_overrides or {}),
             IMPORTANCE_KEY: args.visual_token_importance,
         }
+    # The model workers read it when they resolve id_select(backend="auto"); they inherit it.
+    os.environ[BACKEND_ENV] = args.selection_backend
     trust_all = bool(args.trust_request_mm_kwargs)
     # The budget layer admits exactly the budget key per request (or everything if the operator
     # asked for vLLM's --trust-request-mm-kwargs); vLLM must not reject it first.

@@ -6,6 +6,8 @@ budget and no key. Expected prompt sizes come from the model's own tokenizer and
 
 from __future__ import annotations
 
+import os
+
 import httpx
 import openai
 import pytest
@@ -31,7 +33,7 @@ def keyed(tiny_model_dir, tmp_path_factory):
 def defaulted(tiny_model_dir, tmp_path_factory):
     logs = tmp_path_factory.mktemp("logs")
     with tiny_server(tiny_model_dir, logs, "--visual-token-budget", "32",
-                     "--visual-token-importance", "unified") as s:
+                     "--visual-token-importance", "unified", "--selection-backend", "torch") as s:
         yield s
 
 
@@ -200,6 +202,7 @@ def test_server_default_budget_applies_and_requests_override_it(defaulted, text_
     overridden = _chat(client, model_id, [make_image(7)], 10**9)
     assert overridden.usage.prompt_tokens == text_tokens(QUESTION, 1) + FULL
     assert "importance=unified" in defaulted.log()  # the worker got the deployment default
+    assert "selection backend torch on cpu" in defaulted.log()
     assert httpx.get(defaulted.base_url + "/health", timeout=10).status_code == 200
 
 
@@ -216,3 +219,17 @@ def test_importance_source_per_request(client, model_id, text_tokens):
             extra_body={"visual_token_importance": "attention"},
         )
     assert info.value.body["param"] == "visual_token_importance"
+
+
+def test_selection_backend_flag_reaches_the_workers_environment(monkeypatch):
+    from idselect.selection import BACKEND_ENV
+    from server.serve import _adopt_idselect_options, build_parser, parse_args
+
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    assert build_parser().parse_args(["model"]).selection_backend == "auto"
+    args = build_parser().parse_args(["model", "--selection-backend", "triton"])
+    _adopt_idselect_options(args)  # spawned model workers inherit the server's environment
+    assert os.environ[BACKEND_ENV] == "triton"
+    monkeypatch.setenv(BACKEND_ENV, "cuda")
+    with pytest.raises(SystemExit):
+        parse_args(["model"])

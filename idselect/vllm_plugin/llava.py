@@ -8,7 +8,6 @@ checkpoints (Pixtral-HF, SigLIP towers) keep vLLM's stock behaviour and refuse a
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
 from functools import partial
 
@@ -183,25 +182,23 @@ class IDSelectLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             self._feature_attn,
             pixel_values,
         )
-        started = time.perf_counter()
-        if prompts.any_prompt_aware():
-            scores = prompts.rescore(
-                scores, features, self.multi_modal_projector, self.language_model.embed_input_ids
+        with metrics.timed_selection(features.device, sum(1 for k in keeps if k)):
+            if prompts.any_prompt_aware():
+                scores = prompts.rescore(
+                    scores,
+                    features,
+                    self.multi_modal_projector,
+                    self.language_model.embed_input_ids,
+                )
+            n = features.shape[1]
+            picks = id_select_batched(
+                features,
+                scores,
+                [k if k else n for k in keeps],
+                gamma=self.idselect_settings.gamma,
+                suppression=self.idselect_settings.suppression,
+                backend="auto",
             )
-        n = features.shape[1]
-        picks = id_select_batched(
-            features,
-            scores,
-            [k if k else n for k in keeps],
-            gamma=self.idselect_settings.gamma,
-            suppression=self.idselect_settings.suppression,
-        )
-        if features.is_cuda:
-            torch.cuda.synchronize(features.device)
-        pruned = sum(1 for k in keeps if k)
-        per_image = (time.perf_counter() - started) / pruned
-        for _ in range(pruned):
-            metrics.observe_selection(per_image)
         return [f.index_select(0, idx.to(f.device)) for f, idx in zip(features, picks, strict=True)]
 
     def get_mm_lora_token_counts(

@@ -10,7 +10,6 @@ stock order: the base view first, then the unpadded tile grid row by row.
 
 from __future__ import annotations
 
-import time
 from functools import partial
 
 import torch
@@ -126,20 +125,18 @@ class IDSelectLlavaNextForConditionalGeneration(LlavaNextForConditionalGeneratio
         ]
         features = torch.cat([f for f, _ in parts])
         scores = normalize_scores(torch.cat([s for _, s in parts]))  # per crop (row)
-        started = time.perf_counter()
-        scored = torch.cat([features, scores[..., None].to(features.dtype)], -1)
-        packed = self._pack_without_newlines(image_size, scored)
-        packed_features, packed_scores = packed[:, :-1], packed[:, -1]
-        picks = id_select(
-            packed_features,
-            packed_scores,
-            budget,
-            gamma=self.idselect_settings.gamma,
-            suppression=self.idselect_settings.suppression,
-        )
-        if packed.is_cuda:
-            torch.cuda.synchronize(packed.device)
-        metrics.observe_selection(time.perf_counter() - started)
+        with metrics.timed_selection(features.device, 1):
+            scored = torch.cat([features, scores[..., None].to(features.dtype)], -1)
+            packed = self._pack_without_newlines(image_size, scored)
+            packed_features, packed_scores = packed[:, :-1], packed[:, -1]
+            picks = id_select(
+                packed_features,
+                packed_scores,
+                budget,
+                gamma=self.idselect_settings.gamma,
+                suppression=self.idselect_settings.suppression,
+                backend="auto",
+            )
         expected = min(budget, packed.shape[0])
         if len(picks) != expected:
             raise RuntimeError(f"idselect selected {len(picks)} tokens, expected {expected}")

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextvars
 import sys
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Literal
@@ -599,27 +598,24 @@ class IDSelectQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerat
         if not prune:
             return [self._with_positions(f, g) for f, g in zip(features, grids, strict=True)]
 
-        started = time.perf_counter()
-        if want_attention:
-            scores = self._attention_scores(captured, attn, metadata, fulls)
-        else:
-            scores = [feature_norm(f) for f in features]
         pruned = [i for i, k in enumerate(keeps) if k]
-        picks = self._select(
-            [features[i] for i in pruned], [scores[i] for i in pruned], [keeps[i] for i in pruned]
-        )
-        rows: list[torch.Tensor | None] = [None] * len(grids)
-        for i, idx in zip(pruned, picks, strict=True):
-            rows[i] = idx
-        out = []
-        for f, g, r in zip(features, grids, rows, strict=True):
-            kept = f if r is None else f.index_select(0, r.to(f.device))
-            out.append(self._with_positions(kept, g, rows=r))
-        if embeds.is_cuda:
-            torch.cuda.synchronize(embeds.device)
-        per_image = (time.perf_counter() - started) / len(pruned)
-        for _ in pruned:
-            metrics.observe_selection(per_image)
+        with metrics.timed_selection(embeds.device, len(pruned)):
+            if want_attention:
+                scores = self._attention_scores(captured, attn, metadata, fulls)
+            else:
+                scores = [feature_norm(f) for f in features]
+            picks = self._select(
+                [features[i] for i in pruned],
+                [scores[i] for i in pruned],
+                [keeps[i] for i in pruned],
+            )
+            rows: list[torch.Tensor | None] = [None] * len(grids)
+            for i, idx in zip(pruned, picks, strict=True):
+                rows[i] = idx
+            out = []
+            for f, g, r in zip(features, grids, rows, strict=True):
+                kept = f if r is None else f.index_select(0, r.to(f.device))
+                out.append(self._with_positions(kept, g, rows=r))
         return out
 
     def _select(
@@ -632,6 +628,7 @@ class IDSelectQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerat
             keeps,
             gamma=self.idselect_settings.gamma,
             suppression=self.idselect_settings.suppression,
+            backend="auto",
         )
 
     def _attention_scores(

@@ -7,11 +7,18 @@ one object vLLM hands, unchanged, to the front-end processor and to every spawne
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import torch
+from vllm.logger import init_logger
+
 from idselect.budget import BUDGET_KEY, validate_budget
 from idselect.importance_source import IMPORTANCE_KEY, ImportanceSource, validate_importance
+from idselect.selection import resolve_backend
+
+logger = init_logger("vllm.idselect.plugin")  # under "vllm": vLLM's log handlers
 
 GAMMA_KEY = "idselect_gamma"
 SUPPRESSION_KEY = "idselect_suppression"
@@ -27,6 +34,9 @@ class PluginSettings:
     # the encoder budget, so one encoder batch can hold far more images than profiling assumed.
     encoder_micro_batch: int = 8
     default_importance: ImportanceSource = "cls"
+    # The backend `id_select(backend="auto")` resolves to on the model's device (for the log and
+    # to fail at start-up, not at the first request, when IDSELECT_SELECTION_BACKEND is wrong).
+    selection_backend: str = "torch"
 
     @classmethod
     def from_hf_config(cls, hf_config: Any) -> PluginSettings:
@@ -55,4 +65,8 @@ class PluginSettings:
                     f"hf_overrides={{'{key}': ...}}), not --mm-processor-kwargs, which would "
                     "hand it to the Hugging Face processor"
                 )
-        return cls.from_hf_config(vllm_config.model_config.hf_config)
+        settings = cls.from_hf_config(vllm_config.model_config.hf_config)
+        device = torch.device(vllm_config.device_config.device_type)
+        backend = resolve_backend("auto", device)
+        logger.info("idselect: selection backend %s on %s", backend, device.type)
+        return dataclasses.replace(settings, selection_backend=backend)
