@@ -24,7 +24,7 @@ lint: venv
 	$(VENV)/bin/ruff check .
 
 bench-selection: venv
-	$(PY) benchmarks/selection.py
+	$(PY) -m benchmarks.selection
 
 tiny-model: venv
 	$(VENV)/bin/idselect tiny-model models/tiny-llava

@@ -16,48 +16,13 @@ import pytest
 import torch
 
 from benchmarks.dispatch_count import count_dispatches
+from benchmarks.selection_corpus import corpus
 from idselect import selection_batch
 from idselect.selection import BACKEND_ENV, id_select, id_select_batched, resolve_backend
 from tests.test_selection import reference
 from tests.triton_interpreter import interpreted
 
 CPU = torch.device("cpu")
-
-
-def random_image(gen: torch.Generator, kind: str, n: int, d: int, dtype: torch.dtype):
-    """Features and scores of one of the corpus' kinds of image."""
-    if kind == "grid":  # coarse integers: exact ties and exact duplicate features
-        x = torch.randint(-2, 3, (n, d), generator=gen).float()
-        s = torch.randint(0, 4, (n,), generator=gen).float()
-    elif kind == "duplicates":  # few distinct features, continuous scores
-        base = torch.randn(max(1, n // 4), d, generator=gen)
-        x = base[torch.randint(0, base.shape[0], (n,), generator=gen)]
-        s = torch.rand(n, generator=gen)
-    elif kind == "equal":  # all-equal scores: only similarity decides
-        x = torch.randn(n, d, generator=gen)
-        s = torch.full((n,), 3.0)
-    else:  # continuous, low-dimensional: many close neighbours
-        x = torch.randn(n, d, generator=gen)
-        s = torch.rand(n, generator=gen) * 10
-    return x.to(dtype), s.to(dtype)
-
-
-KINDS = ("grid", "duplicates", "equal", "random")
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def corpus(count: int, seed: int = 2026):
-    """Ragged batches of 1-4 images mixing every kind, dtype and budget (K >= N included)."""
-    gen = torch.Generator().manual_seed(seed)
-    for case in range(count):
-        batch = []
-        for _ in range(int(torch.randint(1, 5, (1,), generator=gen))):
-            n = int(torch.randint(1, 70, (1,), generator=gen))
-            kind = KINDS[(case + len(batch)) % len(KINDS)]
-            dtype = DTYPES[case % len(DTYPES)]
-            x, s = random_image(gen, kind, n, int(torch.randint(1, 9, (1,), generator=gen)), dtype)
-            batch.append((x, s, int(torch.randint(1, n + 3, (1,), generator=gen))))
-        yield case, batch, ("subtract", "multiply")[case % 2]
 
 
 def test_corpus_of_240_cases_picks_identically_on_both_backends():
