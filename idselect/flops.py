@@ -19,8 +19,9 @@ Counting conventions (one multiply-add = 2 FLOPs; the usual "2 x parameters per 
   for the one position that produces the first token.
 - Decode: one token at context length L: the same linear layers for 1 token, attention over L
   keys, and the LM head.
-- Selection: [CLS] scores (2 * N * width) plus K greedy picks each costing one similarity row
-  (2 * N * width): tiny next to the encoder, counted for honesty.
+- Selection: [CLS] scores (2 * N * width) plus the N x N similarity matrix (2 * N * N * width)
+  that the greedy picks read (for N above `selection_batch.MATRIX_MAX_TOKENS`, one similarity
+  row per pick instead: 2 * K * N * width): tiny next to the encoder, counted for honesty.
 
 "Image-attributable" language model FLOPs are the marginal cost of the visual tokens:
 prefill(text + kept) - prefill(text). For LLaVA-1.5-7B, 576 -> 16 tokens cuts them by 97.3% (with
@@ -121,11 +122,14 @@ def vision_encoder_flops(v: VisionShape) -> int:
 
 
 def selection_flops(v: VisionShape, kept: int) -> int:
-    """[CLS] importance scores + K greedy picks of one similarity row each (0 without pruning)."""
+    """[CLS] importance scores + the similarity the greedy picks read (0 without pruning)."""
     n = v.visual_tokens
     if kept >= n:
         return 0
-    return 2 * n * v.hidden + 2 * kept * n * v.hidden
+    from idselect.selection_batch import MATRIX_MAX_TOKENS  # imports torch: only when asked
+
+    rows = n if n <= MATRIX_MAX_TOKENS else kept
+    return 2 * n * v.hidden + 2 * rows * n * v.hidden
 
 
 def projector_flops(shape: LlavaShape, tokens: int) -> int:

@@ -67,8 +67,8 @@ def test_toy_report_and_speedup_by_hand():
     assert (full.visual_tokens, pruned.visual_tokens) == (4, 1)
     # projector 2 * tokens * (4*8 + 8*8) = 192 per token
     assert (full.projector, pruned.projector) == (4 * 192, 192)
-    # selection: scores 2*4*4 = 32 plus 1 pick * 2*4*4 = 32; none at full budget
-    assert (full.selection, pruned.selection) == (0, 64)
+    # selection: scores 2*4*4 = 32 plus the 4 x 4 similarity matrix 2*4*4*4 = 128; none at full
+    assert (full.selection, pruned.selection) == (0, 160)
     # LM prefill: 6 tokens (pairs 21) vs 3 tokens (pairs 6); attention 64 FLOPs per pair
     assert full.llm_prefill == 6 * 2304 + 64 * 21 + 160 == 15328
     assert pruned.llm_prefill == 7456
@@ -76,9 +76,9 @@ def test_toy_report_and_speedup_by_hand():
     assert (full.llm_prefill_image, pruned.llm_prefill_image) == (15328 - 4960, 7456 - 4960)
     encoder = 18816 + 3360
     assert full.prefill_total == encoder + 768 + 15328
-    assert pruned.prefill_total == encoder + 64 + 192 + 7456
+    assert pruned.prefill_total == encoder + 160 + 192 + 7456
     assert predicted_ttft_speedup(shape, 1, text_tokens=2) == pytest.approx(
-        (encoder + 768 + 15328) / (encoder + 64 + 192 + 7456)
+        (encoder + 768 + 15328) / (encoder + 160 + 192 + 7456)
     )
     assert predicted_ttft_speedup(shape, None) == 1.0
     assert report(shape, 999).visual_tokens == 4  # a budget above N keeps everything
@@ -170,7 +170,7 @@ def test_cli_prints_a_table(capsys):
             ("full", "64", "16")]
     assert [r[0] for r in rows] == ["full", "64", "16"]
     assert rows[2][7] == "97.3%"  # image-attributable LM prefill cut at K=16
-    assert rows[1][-1] == "4.33x"
+    assert rows[1][-1] == "4.32x"
     assert "llava-1.5-7b" in out
 
 
