@@ -27,6 +27,8 @@ from idselect.selection_batch import PICKED, Batch
 
 # Register blocks above this get more warps, so each thread holds at most 16 scores.
 _WARPS_BY_BLOCK = ((1024, 4), (4096, 8))
+# No FMA contraction: torch rounds the product and the difference of `s - w * v` separately.
+COMPILE_OPTIONS = {"enable_fp_fusion": False}
 
 
 @triton.jit
@@ -94,6 +96,6 @@ def greedy(batch: Batch, suppression: str) -> Tensor:
             BLOCK=block,
             SUBTRACT=suppression == "subtract",
             num_warps=warps,
-            enable_fp_fusion=False,
+            **COMPILE_OPTIONS,
         )
     return picks

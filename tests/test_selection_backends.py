@@ -1,8 +1,9 @@
 """The torch and Triton selection backends: identical picks, backend choice, ops per call.
 
 The Triton kernel runs through Triton's CPU interpreter here (no GPU in CI): that checks its
-logic, tie rule and ragged-batch handling bit for bit against the torch loop, but not the
-compiled kernel (in particular not `enable_fp_fusion=False`, which only matters when compiled).
+logic, tie rule and ragged-batch handling bit for bit against the torch loop. The compiled kernel
+cannot run without a GPU; it is compiled ahead of time for sm_80 and sm_90 instead, which checks
+that it builds and that no fused multiply-add changes its rounding.
 """
 
 from __future__ import annotations
@@ -122,6 +123,47 @@ def test_triton_refuses_cpu_tensors_without_the_interpreter():
     assert done.returncode == 0, done.stderr[-2000:]
     assert "refused: the triton selection backend runs on CUDA tensors" in done.stdout
     assert "auto: True" in done.stdout
+
+
+COMPILE_FOR_GPUS = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from idselect import selection_triton as st
+assert not st.is_interpreted()
+signature = {name: "*fp32" for name in ("weights_ptr", "scores_ptr")}
+signature |= {name: "*i64" for name in ("n_ptr", "k_ptr", "picks_ptr")}
+signature |= {name: "i64" for name in ("stride_wb", "stride_wr", "stride_sb", "stride_pb")}
+signature |= {name: "constexpr" for name in ("PICKED_VALUE", "BLOCK", "SUBTRACT")}
+for arch in (80, 90):
+    for subtract in (True, False):
+        for fusion in (st.COMPILE_OPTIONS, {}):
+            source = ASTSource(st._greedy_kernel, signature, constexprs={
+                "PICKED_VALUE": st.PICKED, "BLOCK": 4096, "SUBTRACT": subtract})
+            kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                                    options={"num_warps": 8, **fusion})
+            assert kernel.asm["cubin"], arch
+            fmas = kernel.asm["ptx"].count("fma.rn.f32")
+            print(f"sm_{arch} subtract={subtract} fusion={'off' if fusion else 'on'} fma={fmas}")
+"""
+
+
+def test_the_kernel_compiles_for_gpus_without_fused_multiply_add():
+    # No GPU here, but Triton compiles ahead of time for a named target (PTX, then ptxas to a
+    # cubin): the compiled path type-checks for A100 (sm_80) and H100/H200 (sm_90), and with our
+    # options no FMA fuses the `s - w * v` update (with Triton's default it would).
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run(
+        [sys.executable, "-c", COMPILE_FOR_GPUS], capture_output=True, text=True, env=env,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    for arch in (80, 90):
+        assert f"sm_{arch} subtract=True fusion=off fma=0" in lines, lines
+        assert f"sm_{arch} subtract=False fusion=off fma=0" in lines, lines
+    fused = [line for line in done.stdout.splitlines() if "subtract=True fusion=on" in line]
+    assert fused and all("fma=0" not in line for line in fused)  # the option matters
 
 
 # --- operations per call (the CPU-visible proxy for GPU kernel launches) ------------------
