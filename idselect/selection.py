@@ -26,6 +26,7 @@ import os
 from collections.abc import Callable, Sequence
 from functools import cache
 from numbers import Integral, Real
+from types import ModuleType
 from typing import Literal
 
 import torch
@@ -41,7 +42,7 @@ Backend = Literal["auto", "torch", "triton"]
 BACKENDS: tuple[str, ...] = ("auto", "torch", "triton")
 BACKEND_ENV = "IDSELECT_SELECTION_BACKEND"
 
-GreedyLoop = Callable[[selection_batch.Batch, str, float], Tensor]
+GreedyLoop = Callable[[selection_batch.Batch], Tensor]
 
 
 def check_k(k: object, name: str = "k") -> int:
@@ -76,7 +77,8 @@ def check_backend(backend: object, name: str = "backend") -> str:
 
 
 @cache
-def _triton_module():  # noqa: ANN202 - the module, or None when triton does not import
+def _triton_module() -> ModuleType | None:
+    """`idselect.selection_triton`, or None when triton does not import."""
     try:
         from idselect import selection_triton
     except ImportError:
@@ -109,8 +111,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 def _greedy_loop(backend: str, device: torch.device) -> GreedyLoop:
     if resolve_backend(backend, device) == "triton":
-        greedy = _triton_module().greedy
-        return lambda batch, suppression, gamma: greedy(batch, suppression)
+        return _triton_module().greedy
     return selection_batch.torch_greedy
 
 
@@ -156,7 +157,7 @@ def check_selection_inputs(
     return k
 
 
-def _check_values(features: Sequence[Tensor], scores: Sequence[Tensor], where: bool) -> None:
+def _check_values(features: Sequence[Tensor], scores: Sequence[Tensor], indexed: bool) -> None:
     """Finite features, finite non-negative scores: one reduction pass and one host sync for the
     whole batch; only a failing batch is scanned per image, to name the image in the message."""
     if not any(s.numel() for s in scores):
@@ -170,13 +171,14 @@ def _check_values(features: Sequence[Tensor], scores: Sequence[Tensor], where: b
     if all(math.isfinite(v) for v in bounds) and bounds[2] >= 0:
         return
     for i, (f, s) in enumerate(zip(features, scores, strict=True)):
-        check_selection_inputs(f, s, 1, where=f"[{i}]" if where else "")
+        check_selection_inputs(f, s, 1, where=f"[{i}]" if indexed else "")
 
 
 def _select(
     images: list[tuple[Tensor, Tensor, int]], gamma: float, suppression: str, backend: str
 ) -> list[Tensor]:
     """Keep-all for k >= N; the greedy loop for the rest, in as few prepared batches as fit."""
+    loop = _greedy_loop(backend, images[0][0].device)  # refuses a backend that cannot run here
     out: list[Tensor | None] = [None] * len(images)
     pending = [i for i, (f, _, k) in enumerate(images) if k < f.shape[0]]
     whole = [i for i, (f, _, k) in enumerate(images) if k >= f.shape[0]]
@@ -185,16 +187,15 @@ def _select(
         for i in whole:
             out[i] = span[: images[i][0].shape[0]]
     if pending:
-        loop = _greedy_loop(backend, images[pending[0]][0].device)
         shapes = [tuple(images[i][0].shape) for i in pending]
         with torch.no_grad():
             for chunk in selection_batch.chunks(shapes):
                 members = [pending[j] for j in chunk]
                 batch = selection_batch.prepare([images[i] for i in members], gamma, suppression)
                 if batch.weights is None:  # too large for a weight matrix: rows per pick
-                    positions = selection_batch.torch_greedy(batch, suppression, gamma)
+                    positions = selection_batch.torch_greedy(batch)
                 else:
-                    positions = loop(batch, suppression, gamma)
+                    positions = loop(batch)
                 picked = selection_batch.finish(batch, positions)
                 for i, indices in zip(members, picked, strict=True):
                     out[i] = indices
@@ -217,9 +218,7 @@ def id_select(
     then the lower index. Zero feature vectors count as orthogonal to everything. `backend`
     ("auto", "torch", "triton") chooses how the greedy loop runs, never what it picks.
     """
-    return id_select_batched(
-        [features], [scores], [k], gamma=gamma, suppression=suppression, backend=backend, _one=True
-    )[0]
+    return _validated_select([features], [scores], [k], gamma, suppression, backend, False)[0]
 
 
 def id_select_batched(
@@ -230,7 +229,6 @@ def id_select_batched(
     gamma: float = DEFAULT_GAMMA,
     suppression: Suppression = "subtract",
     backend: Backend = "auto",
-    _one: bool = False,
 ) -> list[Tensor]:
     """`id_select` for many images at once, each with its own k; identical results, bit for bit.
 
@@ -246,19 +244,32 @@ def id_select_batched(
             f"features, scores and ks must have one entry per image, got "
             f"{len(features_list)}, {len(scores_list)} and {len(ks)}"
         )
+    return _validated_select(features_list, scores_list, ks, gamma, suppression, backend, True)
+
+
+def _validated_select(
+    features: list[Tensor],
+    scores: list[Tensor],
+    ks: list[object],
+    gamma: object,
+    suppression: object,
+    backend: object,
+    indexed: bool,
+) -> list[Tensor]:
+    """Validate everything (messages name images as `[i]` when `indexed`), then select."""
     gamma = check_gamma(gamma)
     suppression = check_suppression(suppression)
     backend = check_backend(backend)
     images = []
-    for i, (f, s, k) in enumerate(zip(features_list, scores_list, ks, strict=True)):
-        where = "" if _one else f"[{i}]"
+    for i, (f, s, k) in enumerate(zip(features, scores, ks, strict=True)):
+        where = f"[{i}]" if indexed else ""
         images.append((f, s, check_selection_inputs(f, s, k, where, values=False)))
     devices = {f.device for f, _, _ in images}
     if len(devices) > 1:
         raise ValueError(f"all images must be on one device, got {sorted(map(str, devices))}")
     if not images:
         return []
-    _check_values(features_list, scores_list, where=not _one)
+    _check_values(features, scores, indexed)
     return _select(images, gamma, suppression, backend)
 
 

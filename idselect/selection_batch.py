@@ -50,6 +50,8 @@ class Batch:
     k: tuple[int, ...]
     n_tensor: Tensor  # (B,) int64, on the batch's device
     k_tensor: Tensor  # (B,) int64
+    gamma: float
+    suppression: str
 
 
 def chunks(shapes: Sequence[tuple[int, int]]) -> Iterator[list[int]]:
@@ -103,8 +105,7 @@ def _weights(x: Tensor, n: Sequence[int], gamma: float, suppression: str) -> Ten
             cos[b, :size, :size] = rows @ rows.T
         else:
             torch.mm(rows, rows.T, out=cos[b])
-    d2 = cos.sub_(1.0).square_().mul_(-gamma)
-    return d2.exp_() if suppression == "subtract" else d2.expm1_().neg_()
+    return _to_weights(cos, gamma, suppression)
 
 
 def prepare(
@@ -143,11 +144,13 @@ def prepare(
         k=k,
         n_tensor=sizes[0],
         k_tensor=sizes[1],
+        gamma=gamma,
+        suppression=suppression,
     )
 
 
 @torch.no_grad()
-def torch_greedy(batch: Batch, suppression: str, gamma: float) -> Tensor:
+def torch_greedy(batch: Batch) -> Tensor:
     """Picked positions (B, max k) int64; an image's row past its own k holds filler picks.
 
     Per pick, for all images at once: one max (first maximum = tie rule), one scatter marking
@@ -155,7 +158,7 @@ def torch_greedy(batch: Batch, suppression: str, gamma: float) -> Tensor:
     """
     images, width = batch.scores.shape
     k_max = max(batch.k)
-    subtract = suppression == "subtract"
+    subtract = batch.suppression == "subtract"
     # state[:, 0] = current scores; state[:, 1] = bound that fixes picked tokens at PICKED:
     # a floor (0, then PICKED) for "subtract", a ceiling (+inf, then PICKED) for "multiply".
     real = batch.scores >= 0
@@ -173,7 +176,7 @@ def torch_greedy(batch: Batch, suppression: str, gamma: float) -> Tensor:
         if batch.weights is not None:
             torch.gather(batch.weights, 1, index.expand(images, 1, width), out=row)
         else:
-            _stream_row(batch, index, gamma, subtract, out=row)
+            _stream_row(batch, index, out=row)
         if subtract:
             # Separate mul and sub (not addcmul): each is exactly rounded, as in the Triton kernel.
             torch.mul(row[:, 0], value.unsqueeze(1), out=scratch)
@@ -185,14 +188,19 @@ def torch_greedy(batch: Batch, suppression: str, gamma: float) -> Tensor:
     return picks.T
 
 
-def _stream_row(batch: Batch, index: Tensor, gamma: float, subtract: bool, out: Tensor) -> None:
+def _stream_row(batch: Batch, index: Tensor, out: Tensor) -> None:
     """The picked tokens' weight rows computed on the fly, for images without a weight matrix."""
     x = batch.features
     assert x is not None
     query = torch.gather(x, 1, index.expand(-1, 1, x.shape[2]))
     torch.bmm(query, x.transpose(1, 2), out=out)
-    d2 = out.sub_(1.0).square_().mul_(-gamma)
-    d2.exp_() if subtract else d2.expm1_().neg_()
+    _to_weights(out, batch.gamma, batch.suppression)
+
+
+def _to_weights(cos: Tensor, gamma: float, suppression: str) -> Tensor:
+    """In place: cosines -> w = exp(-gamma (1 - cos)^2) (subtract) or 1 - w (multiply)."""
+    d2 = cos.sub_(1.0).square_().mul_(-gamma)
+    return d2.exp_() if suppression == "subtract" else d2.expm1_().neg_()
 
 
 def finish(batch: Batch, positions: Tensor) -> list[Tensor]:

@@ -73,7 +73,7 @@ def is_interpreted() -> bool:
     return not isinstance(_greedy_kernel, triton.runtime.JITFunction)
 
 
-def greedy(batch: Batch, suppression: str) -> Tensor:
+def greedy(batch: Batch) -> Tensor:
     """Picked positions (B, max k) int64, one kernel launch; rows past an image's k are 0."""
     assert batch.weights is not None, "the Triton loop reads the precomputed weight matrix"
     images, width = batch.scores.shape
@@ -94,7 +94,7 @@ def greedy(batch: Batch, suppression: str) -> Tensor:
             picks.stride(0),
             PICKED_VALUE=PICKED,
             BLOCK=block,
-            SUBTRACT=suppression == "subtract",
+            SUBTRACT=batch.suppression == "subtract",
             num_warps=warps,
             **COMPILE_OPTIONS,
         )
