@@ -19,6 +19,7 @@ from server.metrics import code_class, request_metrics
 from server.openai_errors import normalise
 from server.openai_rules import check_chat_request, check_completion_request
 from server.request_budget import BUDGET_PATHS, BudgetedRequest, RequestRejected, prepare
+from server.request_model_guard import check_validates
 from server.settings import ServerSettings
 
 
@@ -65,6 +66,7 @@ class VisualBudgetMiddleware:
             try:
                 if isinstance(payload, dict):
                     _CHECKS[path](payload)
+                    check_validates(path, payload)
                 request = prepare(payload, settings)
             except RequestRejected as exc:
                 await openai_error(400, str(exc), param=exc.param, code=exc.code)(

@@ -3,7 +3,8 @@
 vLLM accepts any message role (for custom chat templates), content part types an image model
 cannot use (audio, video, embeddings, in-process PIL images, parts without a `type`), images in
 system / assistant / tool messages, up to any `n`, any `logit_bias` value, and silently ignores
-output options it cannot honour (`audio`, `modalities: ["audio"]`, `web_search_options`). Each
+options it cannot honour (`audio`, `modalities: ["audio"]`, `web_search_options`,
+`moderation`, the deprecated `functions` / `function_call`). Each
 refusal here is a decision recorded in docs/robustness.md; everything not named is left to vLLM
 (which already enforces OpenAI's ranges for temperature, top_p, penalties, logprobs, seed,
 max_tokens and stop). Malformed shapes (messages not a list, a message not an object) are also
@@ -33,6 +34,10 @@ LOGIT_BIAS_LIMIT = 100
 _UNSUPPORTED_OPTIONS = {
     "audio": "this server returns text only; audio output is not available",
     "web_search_options": "web search is not available on this server",
+    "moderation": "moderation is not available on this server",
+    "functions": "deprecated function calling (functions) is not supported; use tools",
+    "function_call": "deprecated function calling (function_call) is not supported; use "
+    "tool_choice",
 }
 
 

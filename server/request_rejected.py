@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 class RequestRejected(Exception):
-    def __init__(self, message: str, param: str, code: str = "invalid_value") -> None:
+    def __init__(self, message: str, param: str | None, code: str = "invalid_value") -> None:
         super().__init__(message)
         self.param = param
         self.code = code

@@ -10,12 +10,26 @@ from typing import Any
 
 from server.request_rejected import RequestRejected
 
+# The engine receives requests as msgpack, whose integers span [-2**63, 2**64 - 1]; a larger
+# top-level integer (`top_k`, `stream_interval`) failed its serialisation with a bare 500 (vLLM
+# checks this range itself for `vllm_xargs` only).
+ENGINE_INT_RANGE = (-(2**63), 2**64 - 1)
+# Ours: validated and consumed before the engine (the plugin clamps budgets to the image).
+_OWN_KEYS = ("visual_token_budget", "visual_token_importance")
+
 # Beam search scores divide by seq_len ** length_penalty: beyond this the power under- or
 # overflows for any real context length (vLLM: ZeroDivisionError / OverflowError, a 500).
 LENGTH_PENALTY_LIMIT = 10.0
 
 
 def check_vllm_options(body: dict[str, Any], images: int) -> None:
+    low, high = ENGINE_INT_RANGE
+    for key, value in body.items():
+        if (type(value) is int and not low <= value <= high) and key not in _OWN_KEYS:
+            raise RequestRejected(
+                f"{key!s:.40} must be between -2**63 and 2**64 - 1 (the engine's integer range)",
+                str(key)[:100],
+            )
     if images and body.get("truncate_prompt_tokens") is not None:
         # vLLM truncates the token ids before it expands image placeholders; a cut through an
         # image failed with "Failed to apply prompt replacement" (500, connection dropped).
