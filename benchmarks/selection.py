@@ -3,7 +3,8 @@
 Run from the repository root (needs only torch, transformers and, for the Triton backend, triton;
 no vLLM and no install of this project):
 
-    python -m benchmarks.selection [--device cpu|cuda] [--quick] [--repeats R] [--threads T]
+    python -m benchmarks.selection [--device cpu|cuda] [--quick] [--repeats R]
+        [--tower-repeats R] [--threads T]
 
 Three tables, all measured in the same run:
 1. Dispatched ops per `id_select_batched` call, per backend, for B in {1, 8, 16} images x
@@ -164,14 +165,16 @@ def dispatch_table(device: torch.device, plan: Plan, backends: tuple[str, ...]) 
     return lines
 
 
-def cpu_overhead_table(plan: Plan, repeats: int, quick: bool) -> tuple[list[str], int]:
+def cpu_overhead_table(
+    plan: Plan, repeats: int, tower_repeats: int
+) -> tuple[list[str], int]:
     """Per-image selection (torch backend) against the fp32 tower's time for its crops."""
     from idselect.selection import id_select
 
     device = torch.device("cpu")
     tower = Tower(device, torch.float32, plan.tower_layers, 24)
-    one = tower.ms(1, 1 if quick else 3)
-    five = 5 * one if quick else tower.ms(5, 3)
+    one = tower.ms(1, tower_repeats)
+    five = 5 * one if plan is QUICK else tower.ms(5, tower_repeats)
     header = (
         f"{'N':>7}{'K':>7}{'select_ms':>12}{'tower_ms':>12}  {'tower basis':<34}"
         f"{'select/tower':>13}{'target':>8}  result"
@@ -196,7 +199,7 @@ def cpu_overhead_table(plan: Plan, repeats: int, quick: bool) -> tuple[list[str]
 
 
 def batch_table(
-    device: torch.device, plan: Plan, backends: tuple[str, ...], repeats: int
+    device: torch.device, plan: Plan, backends: tuple[str, ...], repeats: int, tower_repeats: int
 ) -> tuple[list[str], int]:
     """Each backend on B images against the bf16 23-layer tower for those images' crops."""
     from idselect.selection import id_select_batched
@@ -210,7 +213,7 @@ def batch_table(
     lines, missed = [f"tower: {tower.basis}, bf16; features bf16, scores fp32", header], 0
     for images in plan.gpu_batches:
         for n in plan.gpu_tokens:
-            enc = tower.ms(images * math.ceil(n / TOKENS_PER_CROP), repeats)
+            enc = tower.ms(images * math.ceil(n / TOKENS_PER_CROP), tower_repeats)
             x, s = inputs(device, images, n, torch.bfloat16)
             for k in plan.gpu_budgets:
                 row, picks, checks = f"{images:>3}{n:>6}{k:>5}{enc:>10.2f}", set(), []
@@ -290,6 +293,7 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     plan = QUICK if args.quick else FULL
     repeats = 1 if args.quick else args.repeats
+    tower_repeats = 1 if args.quick else args.tower_repeats
     from idselect.selection import resolve_backend
 
     try:
@@ -308,14 +312,14 @@ def run(args: argparse.Namespace) -> int:
         print(line)
     if device.type == "cpu":
         print("\nper-image selection (torch backend) vs the fp32 tower, CPU")
-        lines, miss = cpu_overhead_table(plan, repeats, args.quick)
+        lines, miss = cpu_overhead_table(plan, repeats, tower_repeats)
         missed += miss
         for line in lines:
             print(line)
     if device.type == "cuda" or args.quick:
         timed = backends if device.type == "cuda" else ("torch",)  # interpreted Triton: untimed
         print(f"\nbatched selection vs the bf16 tower, {device.type}")
-        lines, miss = batch_table(device, plan, timed, repeats)
+        lines, miss = batch_table(device, plan, timed, repeats, tower_repeats)
         missed += miss
         for line in lines:
             print(line)
@@ -332,11 +336,12 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--repeats", type=int, default=5, help="timing repeats (median)")
+    parser.add_argument("--repeats", type=int, default=5, help="selection timing repeats (median)")
+    parser.add_argument("--tower-repeats", type=int, default=3, help="tower timing repeats")
     parser.add_argument("--quick", action="store_true", help="smoke run, about a minute on CPU")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     args = parser.parse_args(argv)
-    if args.repeats < 1 or args.threads < 0:
+    if args.repeats < 1 or args.tower_repeats < 1 or args.threads < 0:
         parser.error("repeats must be >= 1 and threads >= 0")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible")
