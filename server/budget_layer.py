@@ -67,7 +67,7 @@ class VisualBudgetMiddleware:
                 if isinstance(payload, dict):
                     _CHECKS[path](payload)
                     check_validates(path, payload)
-                request = prepare(payload, settings)
+                request = prepare(payload, settings, chat=path == "/v1/chat/completions")
             except RequestRejected as exc:
                 await openai_error(400, str(exc), param=exc.param, code=exc.code)(
                     scope, receive, send_status

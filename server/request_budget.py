@@ -49,8 +49,11 @@ _OPTIONS: dict[str, Callable[[object], object]] = {
 }
 
 
-def prepare(body: Any, settings: ServerSettings) -> BudgetedRequest | None:
-    """Validate and rewrite a request body; None when it is not ours to judge (vLLM will)."""
+def prepare(body: Any, settings: ServerSettings, *, chat: bool = True) -> BudgetedRequest | None:
+    """Validate and rewrite a request body; None when it is not ours to judge (vLLM will).
+
+    `chat`: a /v1/chat/completions body (images are counted in its messages); /v1/completions
+    bodies carry no images, whatever they contain."""
     if not isinstance(body, dict):
         return None
     mm_kwargs = body.get("mm_processor_kwargs")
@@ -82,7 +85,7 @@ def prepare(body: Any, settings: ServerSettings) -> BudgetedRequest | None:
         rewritten.pop("mm_processor_kwargs", None)
 
     budget = requested[BUDGET_KEY]
-    images = _count_images(body.get("messages"))
+    images = _count_images(body.get("messages")) if chat else 0
     check_vllm_options(body, images)
     return BudgetedRequest(
         body=rewritten,
@@ -120,6 +123,7 @@ def _count_images(messages: Any) -> int:
         if isinstance(content, list):
             count += sum(
                 1 for part in content
-                if isinstance(part, dict) and part.get("type") in _IMAGE_PART_TYPES
+                if isinstance(part, dict) and isinstance(part.get("type"), str)
+                and part["type"] in _IMAGE_PART_TYPES
             )
     return count

@@ -27,8 +27,8 @@ def check_vllm_options(body: dict[str, Any], images: int) -> None:
     for key, value in body.items():
         if (type(value) is int and not low <= value <= high) and key not in _OWN_KEYS:
             raise RequestRejected(
-                f"{key!s:.40} must be between -2**63 and 2**64 - 1 (the engine's integer range)",
-                str(key)[:100],
+                f"{key!r:.40} must be between -2**63 and 2**64 - 1 (the engine's integer range)",
+                str(key)[:100] or None,
             )
     if images and body.get("truncate_prompt_tokens") is not None:
         # vLLM truncates the token ids before it expands image placeholders; a cut through an

@@ -124,9 +124,9 @@ def json_body(data: bytes) -> None:
 def _check_request(body: dict[str, Any], settings: ServerSettings, chat: bool) -> None:
     try:
         (check_chat_request if chat else check_completion_request)(body)
-        request = prepare(body, settings)
+        request = prepare(body, settings, chat=chat)
     except RequestRejected as exc:
-        assert isinstance(exc.param, str) and exc.param, exc.param
+        assert exc.param is None or (isinstance(exc.param, str) and exc.param), exc.param
         assert isinstance(str(exc), str) and len(str(exc)) < 2000
         return
     assert request is not None
@@ -138,7 +138,7 @@ def _check_request(body: dict[str, Any], settings: ServerSettings, chat: bool) -
         assert set(mm) <= {BUDGET_KEY, IMPORTANCE_KEY}, mm
     budget = request.budget
     assert budget is None or (type(budget) is int and budget >= 1), budget
-    assert request.images >= 0
+    assert request.images >= 0 and (chat or request.images == 0)
     usage = request.visual_usage(settings.full_image_tokens)
     if usage is not None:
         assert 0 <= usage["visual_tokens_kept"] <= usage["visual_tokens_original"], usage

@@ -81,6 +81,10 @@ FOUND = [
       "length_penalty": -6.471734866310722e16}, "length_penalty"),
     ({"messages": [{"role": "user", "content": "x"}], "use_beam_search": True,
       "length_penalty": 1e300}, "length_penalty"),
+    # schemathesis: 500 from the engine's msgpack serialisation (beyond uint64)
+    ({"messages": [{"role": "user", "content": "x"}], "stream_interval": 32589158477190044731},
+     "stream_interval"),
+    ({"messages": [{"role": "user", "content": "x"}], "top_k": -(2**63) - 1}, "top_k"),
 ]
 
 
@@ -99,3 +103,31 @@ def test_beam_search_keeps_sane_length_penalties():
                 "length_penalty": penalty}
         check_chat_request(body)
         assert prepare(body, ServerSettings(full_image_tokens=576)) is not None
+
+
+# What atheris found in our own code (2,000,000-run seeded runs, see docs/robustness.md).
+def test_a_part_type_that_is_not_a_string_is_no_crash():
+    """request_options: `{"type": []}` in a /v1/completions body's messages raised TypeError
+    (unhashable list) in the image count: a 500 through the server."""
+    body = {"prompt": "x", "messages": [{"role": "user", "content": [{"type": []}, {"type": {}}]}]}
+    request = prepare(body, ServerSettings(full_image_tokens=576), chat=False)
+    assert request is not None and request.images == 0
+    with pytest.raises(RequestRejected):  # the chat rules refuse it before counting
+        check_chat_request(body)
+
+
+def test_completions_bodies_count_no_images():
+    """A /v1/completions body carries no images; `messages` there must not inflate usage."""
+    part = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    body = {"prompt": "x", "messages": [{"role": "user", "content": [part, part]}]}
+    settings = ServerSettings(full_image_tokens=576)
+    assert prepare(body, settings, chat=False).visual_usage(576) == {
+        "visual_tokens_original": 0, "visual_tokens_kept": 0}
+    assert prepare(body, settings).images == 2
+
+
+def test_a_huge_integer_under_an_empty_key_names_no_param():
+    """json_body: `{"": 22212222222222222222}` was refused with param "" (now null)."""
+    with pytest.raises(RequestRejected) as raised:
+        prepare({"": 22212222222222222222}, ServerSettings(full_image_tokens=576))
+    assert raised.value.param is None and "engine's integer range" in str(raised.value)

@@ -117,6 +117,13 @@ REFUSALS = [
         "modalities": ["text", "audio"]}, code="unsupported_value"),
     Refusal("web_search_options", [HI], "web_search_options", "web search", extra={
         "web_search_options": {}}, code="unsupported_parameter"),
+    Refusal("moderation", [HI], "moderation", "moderation", extra={
+        "moderation": {"model": "omni-moderation-latest"}}, code="unsupported_parameter"),
+    Refusal("deprecated functions", [HI], "functions", "use tools", extra={
+        "functions": [{"name": "f", "parameters": {"type": "object"}}]},
+        code="unsupported_parameter"),
+    Refusal("deprecated function_call", [HI], "function_call", "tool_choice", extra={
+        "function_call": "auto"}, code="unsupported_parameter"),
     Refusal("add_generation_prompt false after a user turn (answer role 'user')", [HI],
             "add_generation_prompt", "assistant", extra={"add_generation_prompt": False}),
 ]
@@ -156,6 +163,9 @@ ACCEPTED = [
                                         "service_tier": "auto", "verbosity": "low",
                                         "prediction": {"type": "content", "content": "x"},
                                         "user": "u-1", "modalities": ["text"]}),
+    Accepted("OpenAI's caching and safety hints (ignored: vLLM caches prefixes itself)", [HI],
+             {"prompt_cache_key": "k", "prompt_cache_retention": "24h",
+              "safety_identifier": "hash-1"}),
     Accepted("vLLM sampling extensions", [HI], {"top_k": 5, "min_p": 0.1,
                                                 "repetition_penalty": 1.1}),
     Accepted("image detail (ignored: the budget decides the cost)",
