@@ -349,9 +349,10 @@ def _fuzz_test(one, label: str, strategy, count: int, seed: int):
     return fuzz
 
 
-def _short_body(body: Any) -> Any:
+def _short_body(body: Any, limit: int = 100_000) -> Any:
+    """The body as sent (JSON), whole unless huge: enough to replay a failure."""
     text = json.dumps(body, default=str)
-    return text if len(text) <= 2000 else text[:2000] + "..."
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def main(argv: list[str] | None = None) -> int:

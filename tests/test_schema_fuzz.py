@@ -129,3 +129,13 @@ def test_integers_beyond_the_engines_range_are_a_400(server, model, field):
     response = httpx.post(server.base_url + "/v1/completions", timeout=120, json={
         "model": model, "max_tokens": 2, "prompt": "0", field: 2**64 - 1})
     assert response.status_code == 200, response.text[:300]  # the edge of the range still works
+
+
+def test_a_completions_body_with_stray_image_parts_is_no_500(server, model):
+    """Found by atheris: a non-string part `type` in a /v1/completions body's `messages` (a field
+    vLLM ignores there) crashed our image count; such parts never counted as images either."""
+    response = httpx.post(server.base_url + "/v1/completions", timeout=120, json={
+        "model": model, "prompt": "hello", "max_tokens": 1, "messages": [{"role": "user",
+        "content": [{"type": []}, {"type": "image_url", "image_url": {"url": "x"}}]}]})
+    assert response.status_code == 200, response.text[:300]
+    assert response.json()["usage"]["visual_tokens_original"] == 0
