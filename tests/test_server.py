@@ -225,7 +225,9 @@ def test_selection_backend_flag_reaches_the_workers_environment(monkeypatch):
     from idselect.selection import BACKEND_ENV
     from server.serve import _adopt_idselect_options, build_parser, parse_args
 
-    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    # setenv (unlike delenv of an unset variable) records the original state, so the value
+    # _adopt_idselect_options writes into os.environ is undone too: later servers must not see it.
+    monkeypatch.setenv(BACKEND_ENV, "")
     assert build_parser().parse_args(["model"]).selection_backend == "auto"
     args = build_parser().parse_args(["model", "--selection-backend", "triton"])
     _adopt_idselect_options(args)  # spawned model workers inherit the server's environment
