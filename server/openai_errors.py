@@ -14,6 +14,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from server.asgi_body import send_rewritten
 from server.errors import openai_error
 
 logger = logging.getLogger("vllm.idselect.errors")  # under "vllm": vLLM's log handlers
@@ -89,12 +90,7 @@ class OpenAIErrorMiddleware:
                 if message.get("more_body", False):
                     return
                 start = held.pop("start")
-                body = _rewrite(start["status"], b"".join(chunks))
-                headers = [(k, v) for k, v in start.get("headers", [])
-                           if k.lower() != b"content-length"]
-                headers.append((b"content-length", str(len(body)).encode()))
-                await send({**start, "headers": headers})
-                await send({"type": "http.response.body", "body": body, "more_body": False})
+                await send_rewritten(send, start, _rewrite(start["status"], b"".join(chunks)))
                 return
             await send(message)
 

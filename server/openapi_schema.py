@@ -17,6 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from idselect.budget import BUDGET_KEY
 from idselect.importance_source import IMPORTANCE_KEY, IMPORTANCE_SOURCES
+from server.asgi_body import send_rewritten
 from server.openai_rules import LOGIT_BIAS_LIMIT, MAX_CHOICES
 
 SCHEMA_PATH = "/openapi.json"
@@ -124,12 +125,7 @@ class OpenAPISchemaMiddleware:
                 if message.get("more_body", False):
                     return
                 body = json.dumps(extend_schema(json.loads(b"".join(chunks)))).encode()
-                start = held.pop("start")
-                headers = [(k, v) for k, v in start.get("headers", [])
-                           if k.lower() != b"content-length"]
-                headers.append((b"content-length", str(len(body)).encode()))
-                await send({**start, "headers": headers})
-                await send({"type": "http.response.body", "body": body, "more_body": False})
+                await send_rewritten(send, held.pop("start"), body)
                 return
             await send(message)
 

@@ -11,9 +11,12 @@ from typing import Any
 from server.request_rejected import RequestRejected
 
 # The engine receives requests as msgpack, whose integers span [-2**63, 2**64 - 1]; a larger
-# top-level integer (`top_k`, `stream_interval`) failed its serialisation with a bare 500 (vLLM
-# checks this range itself for `vllm_xargs` only).
+# integer failed its serialisation with a bare 500, at the top level (`top_k`, `stream_interval`)
+# and nested alike (`stop_token_ids: [2**64]`, an integer in a `response_format` JSON schema);
+# vLLM checks this range itself for `vllm_xargs` only. So every integer in the body is checked.
 ENGINE_INT_RANGE = (-(2**63), 2**64 - 1)
+# Deeper bodies are refused before this runs (the server's JSON nesting limit); stop early anyway.
+_MAX_DEPTH = 64
 # Ours: validated and consumed before the engine (the plugin clamps budgets to the image).
 _OWN_KEYS = ("visual_token_budget", "visual_token_importance")
 
@@ -22,14 +25,34 @@ _OWN_KEYS = ("visual_token_budget", "visual_token_importance")
 LENGTH_PENALTY_LIMIT = 10.0
 
 
+def _int_out_of_range(value: Any, path: str, depth: int = 0) -> str | None:
+    """The path of the first integer outside ENGINE_INT_RANGE in `value`, or None."""
+    if type(value) is int:
+        low, high = ENGINE_INT_RANGE
+        return None if low <= value <= high else path
+    if depth >= _MAX_DEPTH:
+        return None
+    if isinstance(value, dict):
+        items = ((f"{path}.{key}" if path else str(key), item) for key, item in value.items())
+    elif isinstance(value, list):
+        items = ((f"{path}[{i}]", item) for i, item in enumerate(value))
+    else:
+        return None
+    for where, item in items:
+        found = _int_out_of_range(item, where, depth + 1)
+        if found is not None:
+            return found
+    return None
+
+
 def check_vllm_options(body: dict[str, Any], images: int) -> None:
-    low, high = ENGINE_INT_RANGE
-    for key, value in body.items():
-        if (type(value) is int and not low <= value <= high) and key not in _OWN_KEYS:
-            raise RequestRejected(
-                f"{key!r:.40} must be between -2**63 and 2**64 - 1 (the engine's integer range)",
-                str(key)[:100] or None,
-            )
+    checked = {key: value for key, value in body.items() if key not in _OWN_KEYS}
+    where = _int_out_of_range(checked, "")
+    if where is not None:
+        raise RequestRejected(
+            f"{where!r:.60} must be between -2**63 and 2**64 - 1 (the engine's integer range)",
+            where[:100] or None,
+        )
     if images and body.get("truncate_prompt_tokens") is not None:
         # vLLM truncates the token ids before it expands image placeholders; a cut through an
         # image failed with "Failed to apply prompt replacement" (500, connection dropped).

@@ -85,6 +85,11 @@ FOUND = [
     ({"messages": [{"role": "user", "content": "x"}], "stream_interval": 32589158477190044731},
      "stream_interval"),
     ({"messages": [{"role": "user", "content": "x"}], "top_k": -(2**63) - 1}, "top_k"),
+    # the same failure for nested integers (vLLM's encoder refuses them in SamplingParams)
+    ({"messages": [{"role": "user", "content": "x"}], "stop_token_ids": [1, 2**64]},
+     "stop_token_ids[1]"),
+    ({"messages": [{"role": "user", "content": "x"}], "structured_outputs": {"json": {
+        "type": "integer", "minimum": -(2**63) - 1}}}, "structured_outputs.json.minimum"),
 ]
 
 

@@ -131,6 +131,20 @@ def test_integers_beyond_the_engines_range_are_a_400(server, model, field):
     assert response.status_code == 200, response.text[:300]  # the edge of the range still works
 
 
+@pytest.mark.parametrize("field,value,param", [
+    ("stop_token_ids", [7, 2**64], "stop_token_ids[1]"),
+    ("response_format", {"type": "json_schema", "json_schema": {"name": "n", "schema": {
+        "type": "integer", "maximum": 2**70}}}, "response_format.json_schema.schema.maximum"),
+])
+def test_nested_integers_beyond_the_engines_range_are_a_400(server, model, field, value, param):
+    """The same msgpack failure one level down (checked against vLLM's own encoder: both reach
+    the engine as SamplingParams and failed its serialisation): refused wherever they sit."""
+    response = httpx.post(server.base_url + "/v1/chat/completions", timeout=120, json={
+        "model": model, "max_tokens": 2, field: value,
+        "messages": [{"role": "user", "content": "x"}]})
+    assert assert_openai_error(response, 400)["param"] == param
+
+
 def test_a_completions_body_with_stray_image_parts_is_no_500(server, model):
     """Found by atheris: a non-string part `type` in a /v1/completions body's `messages` (a field
     vLLM ignores there) crashed our image count; such parts never counted as images either."""
