@@ -18,7 +18,7 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from idselect.selection import id_select, id_select_batched
+from idselect.selection import id_select, id_select_batched, resolve_backend
 from tests.triton_interpreter import selection_backend
 
 SETTINGS = settings(max_examples=60, deadline=None)
@@ -27,6 +27,7 @@ SETTINGS = settings(max_examples=60, deadline=None)
 @pytest.fixture(scope="module", autouse=True, params=["torch", "triton"])
 def backend(request: pytest.FixtureRequest):
     with selection_backend(request.param):
+        assert resolve_backend("auto", torch.device("cpu")) == request.param
         yield request.param
 
 
