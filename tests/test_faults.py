@@ -198,9 +198,10 @@ def test_engine_death_fails_fast_with_503_and_exit_status_1(doomed):
     family = main.children(recursive=True)
     engine = next(p for p in family if "EngineCore" in p.name())
 
-    # Plain first, alone, so it is in the engine; then a stream (see the SIGTERM test).
+    # Plain first, alone, so it is in the engine; then a stream (see the SIGTERM test). Four
+    # times MANY: on a quiet machine 16 x 1800 tokens finished in the 2 s before the kill.
     in_flight = Background(
-        lambda: httpx.post(url, json=long_request(model, n=MANY), timeout=60))
+        lambda: httpx.post(url, json=long_request(model, n=4 * MANY), timeout=60))
     time.sleep(1.0)
     lines: list[str] = []
 
