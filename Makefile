@@ -18,7 +18,7 @@ test: venv system
 
 ## The main job: tiny model + server on 127.0.0.1:8000, one request at full budget, one at 16.
 demo: venv
-	$(PY) -m server.demo $(DEMO_ARGS)
+	$(PY) -m devtools.demo $(DEMO_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -1,7 +1,7 @@
 """Accuracy retention: a VQA-style evaluation through the OpenAI endpoint at several budgets.
 
-    python benchmarks/make_shapes_dataset.py out/shapes --items 200
-    python benchmarks/accuracy.py --data out/shapes/data.jsonl --base-url http://127.0.0.1:8000 \
+    python -m benchmarks.make_shapes_dataset out/shapes --items 200
+    python -m benchmarks.accuracy --data out/shapes/data.jsonl --base-url http://127.0.0.1:8000 \
         --budgets full,192,64,16
 
 Input: JSONL, one question per line:
@@ -36,9 +36,7 @@ from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.bench_common import (  # noqa: E402
+from benchmarks.bench_common import (
     budget_body,
     budget_label,
     connect,

@@ -18,8 +18,6 @@ import httpx
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 DEFAULT_BUDGETS: tuple[int | None, ...] = (None, 192, 128, 64, 32, 16)
 
@@ -79,7 +77,7 @@ class Target:
 
 def default_server_args(model_dir: Path) -> list[str]:
     """vLLM options for the models this repository writes (chosen from their marker files)."""
-    from server.launch import TINY_MODEL_ARGS
+    from devtools.launch import TINY_MODEL_ARGS
 
     if (model_dir / "idselect_realistic_spec.json").exists():
         from benchmarks.realistic_model import SERVE_ARGS
@@ -93,7 +91,7 @@ def default_server_args(model_dir: Path) -> list[str]:
 def resolve_start_model(spec: str) -> Path:
     """`tiny` / `realistic` write those models under models/; anything else is a directory."""
     if spec == "tiny":
-        from idselect.tiny_model import write_tiny_llava
+        from idselect.tiny_checkpoint import write_tiny_llava
 
         return write_tiny_llava(ROOT / "models" / "tiny-llava")
     if spec == "realistic":
@@ -125,7 +123,7 @@ def connect(
         yield Target(url, model, root)
         return
 
-    from server.launch import running_server
+    from devtools.launch import running_server
 
     model_dir = resolve_start_model(start)
     args = shlex.split(server_args) if server_args is not None else default_server_args(model_dir)

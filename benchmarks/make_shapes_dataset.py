@@ -1,6 +1,6 @@
 """Generate a small synthetic VQA set: coloured shapes on a plain background, with questions.
 
-    python benchmarks/make_shapes_dataset.py out/shapes --items 200 [--seed 0]
+    python -m benchmarks.make_shapes_dataset out/shapes --items 200 [--seed 0]
 
 Writes DIR/images/NNNN.png (336x336) and DIR/data.jsonl, one line per question in the format
 `benchmarks/accuracy.py` reads:

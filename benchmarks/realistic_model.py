@@ -22,7 +22,7 @@ chat template and image processor are the tiny model's (byte-level BPE, 453 toke
 language model's vocabulary is 32064 rows as in LLaVA-1.5, so the LM head costs what it really
 does. The answers are gibberish; ids beyond the tokenizer decode to nothing.
 
-    python benchmarks/realistic_model.py DIR      # writes DIR (config, tokenizer, processor)
+    python -m benchmarks.realistic_model DIR      # writes DIR (config, tokenizer, processor)
     idselect serve DIR --load-format dummy --dtype bfloat16 --max-model-len 2048 ...
 """
 
@@ -31,12 +31,9 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # vLLM options the benchmark uses for this model on a CPU host (dtype: bf16 runs on AVX-512 bf16).
 SERVE_ARGS = (
@@ -69,7 +66,7 @@ MARKER = "idselect_realistic_spec.json"
 
 def write_realistic_llava(out_dir: str | Path, spec: RealisticSpec = RealisticSpec()) -> Path:
     """Write the model directory (no weights) and return its path; idempotent per spec."""
-    from idselect.tiny_model import write_tiny_llava
+    from idselect.tiny_checkpoint import write_tiny_llava
 
     out = Path(out_dir)
     marker = out / MARKER

@@ -1,5 +1,6 @@
 """Schema fuzzing of `idselect serve` with schemathesis: requests generated from the server's own
-`/openapi.json` (vLLM's document plus idselect's fields and rules, `server/openapi_schema.py`).
+`/openapi.json` (vLLM's document plus idselect's fields and rules,
+`server/middleware/openapi_schema.py`).
 
 Operations: POST /v1/chat/completions and /v1/completions (schema-valid and schema-violating
 bodies), GET /v1/models and /health. Chat bodies get images (a pool of `data:` URLs, valid and
@@ -12,7 +13,7 @@ schemathesis' status-code / content-type / response-schema conformance, 200 chat
 the `openai` package's ChatCompletion, streams are well-formed SSE ending in [DONE].
 
 CI runs a bounded, seeded slice (tests/test_schema_fuzz.py). Long run (not in CI):
-    .venv/bin/python benchmarks/schema_fuzz.py --requests 10000 --seed 16
+    .venv/bin/python -m benchmarks.schema_fuzz --requests 10000 --seed 16
 starts a tiny-model server itself (or `--base-url URL` for a running one) and exits 1 on any
 failure; `--report FILE` writes the counts and failing requests as JSON.
 """
@@ -32,8 +33,6 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 MAX_TOKENS = 16
 MAX_CHOICES = 4
@@ -378,8 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         import tempfile
 
-        from idselect.tiny_model import write_tiny_llava
-        from server.launch import TINY_MODEL_ARGS, running_server
+        from devtools.launch import TINY_MODEL_ARGS, running_server
+        from idselect.tiny_checkpoint import write_tiny_llava
 
         work = Path(tempfile.mkdtemp(prefix="idselect-schema-fuzz-"))
         model_dir = write_tiny_llava(work / "tiny-llava")

@@ -7,8 +7,8 @@ throughput, output tokens/s, prompt tokens per request, speedup vs the full budg
 FLOPs model predicts (`idselect/flops.py`) and measured / predicted, and the time the engine spent
 in ID-Selection as a share of TTFT (from `idselect_selection_seconds` on /metrics).
 
-    python benchmarks/serve.py --start realistic --requests-per-budget 12   # CPU figures
-    python benchmarks/serve.py --base-url http://127.0.0.1:8000             # a running server
+    python -m benchmarks.serve --start realistic --requests-per-budget 12   # CPU figures
+    python -m benchmarks.serve --base-url http://127.0.0.1:8000             # a running server
 
 How the load is shaped (and why):
 - Waves. The run is a sequence of waves; a wave sends `--concurrency` requests of ONE budget at
@@ -54,9 +54,7 @@ from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.bench_common import (  # noqa: E402
+from benchmarks.bench_common import (
     DEFAULT_BUDGETS,
     Target,
     budget_body,

@@ -11,8 +11,8 @@ into another's. Every answer is checked against its own budget:
 and `usage.visual_tokens_kept/original` must agree. The server's RSS (summed over its process
 tree) is sampled at the start and the end.
 
-    python benchmarks/soak.py --duration 600 --clients 8      # the long mode: starts a tiny server
-    python benchmarks/soak.py --base-url http://127.0.0.1:8000 --model-dir DIR --server-pid PID
+    python -m benchmarks.soak --duration 600 --clients 8      # the long mode: starts a tiny server
+    python -m benchmarks.soak --base-url http://127.0.0.1:8000 --model-dir DIR --server-pid PID
 
 The CI mode is tests/test_soak.py (about a minute, 6 clients). Exit status 1 on any 5xx or
 mismatch.
@@ -245,8 +245,8 @@ def main() -> int:
             parser.error("--model-dir is required with --base-url")
         report = run(args.base_url, args.model_dir, args.server_pid)
     else:
-        from idselect.tiny_model import write_tiny_llava
-        from server.launch import TINY_MODEL_ARGS, running_server
+        from devtools.launch import TINY_MODEL_ARGS, running_server
+        from idselect.tiny_checkpoint import write_tiny_llava
 
         work = Path(tempfile.mkdtemp(prefix="idselect-soak-"))
         model_dir = write_tiny_llava(work / "tiny-llava")

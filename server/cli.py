@@ -16,7 +16,7 @@ commands:
 
 
 def _tiny_model(argv: list[str]) -> None:
-    from idselect.tiny_model import TinyLlavaSpec, write_tiny_llava
+    from idselect.tiny_checkpoint import TinyLlavaSpec, write_tiny_llava
 
     parser = argparse.ArgumentParser(
         prog="idselect tiny-model",

@@ -29,11 +29,11 @@ from server.media_policy import (
 
 # vLLM adds these in order and each added one wraps the ones before: the last is outermost.
 MIDDLEWARE = (
-    "server.engine_guard.EngineGuardMiddleware",
-    "server.budget_layer.VisualBudgetMiddleware",
-    "server.openai_errors.OpenAIErrorMiddleware",
-    "server.auth.ApiKeyMiddleware",
-    "server.openapi_schema.OpenAPISchemaMiddleware",
+    "server.middleware.engine_guard.EngineGuardMiddleware",
+    "server.middleware.visual_usage.VisualBudgetMiddleware",
+    "server.middleware.openai_errors.OpenAIErrorMiddleware",
+    "server.middleware.auth.ApiKeyMiddleware",
+    "server.middleware.openapi_schema.OpenAPISchemaMiddleware",
 )
 # Defaults that differ from `vllm serve`'s: drain in-flight requests for up to 30 s on SIGTERM
 # (vLLM's 0 aborts them), at most 8 images per request (vLLM's 999), and no multimodal
@@ -225,7 +225,8 @@ async def run(args: argparse.Namespace, options: dict) -> None:
 
     from idselect.vllm_plugin import full_image_tokens
     from idselect.vllm_plugin.selfcheck import PluginNotActiveError, verify_async
-    from server import engine_guard, media_fetch
+    from server import media_fetch
+    from server.middleware import engine_guard
     from server.settings import ServerSettings
 
     logger = init_logger("vllm.idselect.serve")  # under "vllm": vLLM's log handlers

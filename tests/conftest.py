@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from idselect.tiny_model import write_tiny_llava  # noqa: E402
+from idselect.tiny_checkpoint import write_tiny_llava  # noqa: E402
 
 
 @pytest.fixture(scope="session")

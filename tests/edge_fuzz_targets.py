@@ -1,7 +1,7 @@
 """atheris (coverage-guided, libFuzzer) targets for the pure-Python edge code that reads client
-values: the request options path (`server.openai_rules`, `server.request_budget`, the budget and
-importance validators), the media URL policy (`server.media_policy`) and the inline-image checks
-(`server.media_fetch`: data: URLs and image headers).
+values: the request options path (`server.request.openai_rules`, `server.request.options`,
+the budget and importance validators), the media URL policy (`server.media_policy`) and the
+inline-image checks (`server.media_fetch`: data: URLs and image headers).
 
 Each target may only raise the refusal its code documents (RequestRejected, MediaRefused); any
 other exception, or a broken invariant, is a crash. Run one target:
@@ -35,8 +35,8 @@ with atheris.instrument_imports(include=["server", "idselect"]):
         address_refusal,
         check_url,
     )
-    from server.openai_rules import check_chat_request, check_completion_request
-    from server.request_budget import RequestRejected, prepare
+    from server.request.openai_rules import check_chat_request, check_completion_request
+    from server.request.options import RequestRejected, prepare
     from server.settings import ServerSettings
 
 # PIL warns above its own default limit; check_pixels' own limits are what is under test.

@@ -1,4 +1,4 @@
-"""Test helpers around a real `idselect serve` subprocess (see server/launch.py)."""
+"""Test helpers around a real `idselect serve` subprocess (see devtools/launch.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from server.launch import TINY_MODEL_ARGS, RunningServer, image_message, running_server
+from devtools.launch import TINY_MODEL_ARGS, RunningServer, image_message, running_server
 
 __all__ = ["image_message", "metric_value", "tiny_server"]
 

@@ -13,7 +13,7 @@ import pytest
 
 from benchmarks.accuracy import exact_match, load_items, normalize_answer, score, vqa_accuracy
 from benchmarks.make_shapes_dataset import write_dataset
-from server.launch import TINY_MODEL_ARGS, running_server
+from devtools.launch import TINY_MODEL_ARGS, running_server
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "accuracy.py"
 

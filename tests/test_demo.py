@@ -7,14 +7,14 @@ import sys
 
 import pytest
 
-from server.launch import free_port
+from devtools.launch import free_port
 
 pytestmark = pytest.mark.engine
 
 
 def test_demo_runs_end_to_end(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "server.demo", "--no-keep-running", "--port", str(free_port()),
+        [sys.executable, "-m", "devtools.demo", "--no-keep-running", "--port", str(free_port()),
          "--model-dir", str(tmp_path / "tiny-llava")],
         capture_output=True, text=True, timeout=600,
     )

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from server.openai_rules import check_chat_request
-from server.request_budget import prepare
-from server.request_rejected import RequestRejected
+from server.request.openai_rules import check_chat_request
+from server.request.options import prepare
+from server.request.rejected import RequestRejected
 from server.settings import ServerSettings
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from idselect.tiny_llava_next import write_tiny_llava_next
+from devtools.tiny_llava_next import write_tiny_llava_next
 from idselect.vllm_plugin.selfcheck import verify_offline
 from tests import engine_probe
 from tests.conftest import make_image

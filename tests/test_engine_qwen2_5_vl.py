@@ -15,9 +15,9 @@ import os
 import pytest
 import torch
 
+from devtools.tiny_qwen2_5_vl import write_tiny_qwen2_5_vl
 from idselect.budget import BudgetError
 from idselect.selection import id_select
-from idselect.tiny_qwen2_5_vl import write_tiny_qwen2_5_vl
 from idselect.vllm_plugin.qwen2_5_vl import decode_positions, media_positions
 from idselect.vllm_plugin.selfcheck import verify_offline
 from tests.conftest import make_image

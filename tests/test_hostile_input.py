@@ -275,7 +275,7 @@ def test_metric_labels_stay_in_their_fixed_sets(server):
 
 
 def test_vllm_error_bodies_are_mapped_to_openai_shape():
-    from server.openai_errors import normalise
+    from server.middleware.openai_errors import normalise
 
     vllm = {"error": {"message": "bad", "type": "BadRequestError", "param": None, "code": 400}}
     assert normalise(400, vllm)["error"] == {

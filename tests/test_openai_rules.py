@@ -1,4 +1,5 @@
-"""OpenAI's request rules where vLLM is looser (server/openai_rules.py), through the real server
+"""OpenAI's request rules where vLLM is looser (server/request/openai_rules.py), through the real
+server
 and the official `openai` client: each refusal is a 400 in OpenAI's shape naming the field, each
 deliberate acceptance answers 200, and the served OpenAPI document says the same. One server.
 """
@@ -14,7 +15,7 @@ import openai
 import pytest
 
 from benchmarks.soak import text_token_counter
-from server.launch import image_data_url
+from devtools.launch import image_data_url
 from tests.conftest import make_image
 from tests.robust_helpers import assert_openai_error
 from tests.server_harness import tiny_server

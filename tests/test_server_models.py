@@ -10,8 +10,8 @@ import openai
 import pytest
 from transformers import AutoTokenizer
 
-from idselect.tiny_llava_next import write_tiny_llava_next
-from idselect.tiny_qwen2_5_vl import write_tiny_qwen2_5_vl
+from devtools.tiny_llava_next import write_tiny_llava_next
+from devtools.tiny_qwen2_5_vl import write_tiny_qwen2_5_vl
 from tests.conftest import make_image
 from tests.server_harness import image_message, tiny_server
 

@@ -3,7 +3,7 @@
 
 Zero 5xx, every response's prompt tokens exactly right for its own budget, and the server's RSS
 reported at the start and end (printed; only loosely checked). The long mode is
-`python benchmarks/soak.py --duration 600` (see docs/robustness.md). IDSELECT_SOAK_SECONDS and
+`python -m benchmarks.soak --duration 600` (see docs/robustness.md). IDSELECT_SOAK_SECONDS and
 IDSELECT_SOAK_CLIENTS change the CI mode's length and width.
 """
 

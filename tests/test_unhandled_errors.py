@@ -12,7 +12,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from server.openai_errors import OpenAIErrorMiddleware
+from server.middleware.openai_errors import OpenAIErrorMiddleware
 
 
 async def broken(request):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from server.request_rejected import RequestRejected
+from server.request.rejected import RequestRejected
 
 OPENAI_ROLES = ("developer", "system", "user", "assistant", "tool", "function")
 # Content part types per role. OpenAI's user parts also include `input_audio` and `file`: valid

@@ -2,10 +2,10 @@
 
 vLLM's document describes vLLM: it lacks our request fields (`visual_token_budget`,
 `visual_token_importance`), lists message shapes we refuse (custom roles, harmony messages, see
-`server.openai_rules`), declares errors with an integer `code` (ours and OpenAI's are strings or
-null) and omits the statuses we add (401, 413, 503). `extend_schema` rewrites the document; the
-middleware applies it to the response of `GET /openapi.json`, so schema-driven clients and
-fuzzers (schemathesis) see the server as it is.
+`server.request.openai_rules`), declares errors with an integer `code` (ours and OpenAI's
+are strings or null) and omits the statuses we add (401, 413, 503). `extend_schema`
+rewrites the document; the middleware applies it to the response of `GET /openapi.json`, so
+schema-driven clients and fuzzers (schemathesis) see the server as it is.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from idselect.budget import BUDGET_KEY
 from idselect.importance_source import IMPORTANCE_KEY, IMPORTANCE_SOURCES
-from server.asgi_body import send_rewritten
-from server.openai_rules import LOGIT_BIAS_LIMIT, MAX_CHOICES
+from server.middleware.asgi_body import send_rewritten
+from server.request.openai_rules import LOGIT_BIAS_LIMIT, MAX_CHOICES
 
 SCHEMA_PATH = "/openapi.json"
 COMPLETION_OPERATIONS = ("/v1/chat/completions", "/v1/completions")

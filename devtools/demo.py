@@ -1,6 +1,6 @@
 """The main job on an embedded default: serve a tiny LLaVA built here, show what pruning saves.
 
-`make demo` (or `python -m server.demo`): writes the tiny model (no download), starts
+`make demo` (or `python -m devtools.demo`): writes the tiny model (no download), starts
 `idselect serve` on 127.0.0.1, sends the same image question at full budget and at 16 with the
 official `openai` client, prints the visual tokens and prompt sizes, then keeps the server running
 until Ctrl-C (`--no-keep-running` stops it right away). The tiny model has random weights: its
@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from idselect.tiny_model import write_tiny_llava
-from server.launch import TINY_MODEL_ARGS, image_message, running_server
+from devtools.launch import TINY_MODEL_ARGS, image_message, running_server
+from idselect.tiny_checkpoint import write_tiny_llava
 
 QUESTION = "What is in the image?"
 

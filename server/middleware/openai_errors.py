@@ -14,8 +14,8 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.asgi_body import send_rewritten
 from server.errors import openai_error
+from server.middleware.asgi_body import send_rewritten
 
 logger = logging.getLogger("vllm.idselect.errors")  # under "vllm": vLLM's log handlers
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from server.request_rejected import RequestRejected
+from server.request.rejected import RequestRejected
 
 # What a crashing validator raises; ValueError is pydantic's (and vLLM's) "invalid" signal.
 _CRASHES = (AttributeError, TypeError, KeyError, IndexError)

@@ -16,10 +16,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from idselect.budget import budget_bucket
 from server.errors import openai_error
 from server.metrics import code_class, request_metrics
-from server.openai_errors import normalise
-from server.openai_rules import check_chat_request, check_completion_request
-from server.request_budget import BUDGET_PATHS, BudgetedRequest, RequestRejected, prepare
-from server.request_model_guard import check_validates
+from server.middleware.openai_errors import normalise
+from server.request.model_guard import check_validates
+from server.request.openai_rules import check_chat_request, check_completion_request
+from server.request.options import BUDGET_PATHS, BudgetedRequest, RequestRejected, prepare
 from server.settings import ServerSettings
 
 
@@ -89,7 +89,7 @@ class VisualBudgetMiddleware:
             m.duration.labels(label).observe(time.perf_counter() - started)
 
 
-# OpenAI's request rules that vLLM does not enforce (server.openai_rules), per endpoint.
+# OpenAI's request rules that vLLM does not enforce (server.request.openai_rules), per endpoint.
 _CHECKS = {
     "/v1/chat/completions": check_chat_request,
     "/v1/completions": check_completion_request,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from server.request_rejected import RequestRejected
+from server.request.rejected import RequestRejected
 
 # The engine receives requests as msgpack, whose integers span [-2**63, 2**64 - 1]; a larger
 # integer failed its serialisation with a bare 500, at the top level (`top_k`, `stream_interval`)

@@ -15,9 +15,9 @@ from typing import Any
 
 from idselect.budget import BUDGET_KEY, BudgetError, kept_tokens, validate_budget
 from idselect.importance_source import IMPORTANCE_KEY, validate_importance
-from server.request_rejected import RequestRejected
+from server.request.rejected import RequestRejected
+from server.request.vllm_options import check_vllm_options
 from server.settings import ServerSettings
-from server.vllm_option_rules import check_vllm_options
 
 __all__ = ["BUDGET_PATHS", "BudgetedRequest", "RequestRejected", "prepare"]
 

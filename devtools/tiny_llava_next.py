@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from idselect.tiny_model import (
+from idselect.tiny_checkpoint import (
     CHAT_TEMPLATE,
     CLIP_IMAGE_STATS,
     IMAGE_TOKEN,

@@ -1,6 +1,7 @@
 """Write small Qwen2.5-VL-shaped model directories with seeded random weights.
 
-The counterpart of `idselect.tiny_model` for Qwen2.5-VL: the real architecture (windowed ViT with
+The counterpart of `idselect.tiny_checkpoint` for Qwen2.5-VL: the real architecture (windowed ViT
+with
 full-attention blocks, 2x2 patch merger, M-RoPE Qwen2 language model) at toy width, so tests can
 run vLLM and Hugging Face transformers on the same numbers. Geometry that matters is kept real:
 14-pixel patches, 2x2 spatial merge, 112-pixel attention windows (so window reordering happens),
@@ -84,7 +85,7 @@ class TinyQwen2_5_VLSpec:
     max_pixels: int = MAX_PIXELS
     min_pixels: int = MIN_PIXELS
     # Wider than transformers' 0.02 so greedy decoding does not hinge on near-ties (as in
-    # idselect.tiny_model).
+    # idselect.tiny_checkpoint).
     initializer_range: float = 0.2
     seed: int = 0
 

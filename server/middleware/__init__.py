@@ -1,0 +1,1 @@
+"""ASGI middlewares `idselect serve` adds around vLLM's OpenAI app (order: `server.serve`)."""
