@@ -154,3 +154,41 @@ def unified(*score_tensors: Tensor, weights: Sequence[float] | None = None) -> T
         raise ValueError("weights must not all be zero")
     out = sum(float(w) * normalize_scores(s) for w, s in zip(weights, score_tensors, strict=True))
     return out / total
+
+
+# Importance for ViTs without [CLS] (Qwen2.5-VL): attention received, or the feature norm.
+
+
+def attention_received(
+    query: torch.Tensor, key: torch.Tensor, scale: float, *, block_elems: int = 1 << 24
+) -> torch.Tensor:
+    """Mean attention each key receives from all queries of one image, summed over heads.
+
+    `query`, `key`: (n, heads, head_dim) as the attention op sees them (rotary applied). Softmax
+    over all n keys per query (the block's own full attention), then the mean over the n
+    queries; (n,) in fp32. Queries are processed in chunks so that at most `block_elems`
+    probabilities exist at once (a real 7B image has thousands of patches and 16 heads).
+    """
+    if query.dim() != 3 or query.shape != key.shape:
+        raise ValueError(f"query {tuple(query.shape)} and key {tuple(key.shape)} must be (n, H, d)")
+    q = query.transpose(0, 1).float()
+    k = key.transpose(0, 1).float()
+    heads, n, _ = q.shape
+    received = torch.zeros(heads, n, device=q.device)
+    step = max(1, block_elems // max(1, heads * n))
+    for start in range(0, n, step):
+        logits = torch.matmul(q[:, start : start + step], k.transpose(1, 2)) * float(scale)
+        received += logits.softmax(dim=-1).sum(dim=1)
+    return received.sum(dim=0) / n
+
+
+def merge_units(patch_scores: torch.Tensor, unit: int) -> torch.Tensor:
+    """Sum consecutive groups of `unit` patch scores (the merger's 2x2 groups in window order)."""
+    if patch_scores.shape[-1] % unit:
+        raise ValueError(f"{patch_scores.shape[-1]} patches do not form groups of {unit}")
+    return patch_scores.reshape(*patch_scores.shape[:-1], -1, unit).sum(dim=-1)
+
+
+def feature_norm(features: torch.Tensor) -> torch.Tensor:
+    """L2 norm of each token's features, (N, D) -> (N,) in fp32."""
+    return torch.linalg.vector_norm(features.float(), dim=-1)

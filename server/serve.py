@@ -16,8 +16,7 @@ import sys
 import tempfile
 from typing import Any
 
-from idselect.budget import BUDGET_KEY
-from idselect.importance_source import IMPORTANCE_KEY, IMPORTANCE_SOURCES
+from idselect.options import BUDGET_KEY, IMPORTANCE_KEY, IMPORTANCE_NAMES
 from idselect.selection import BACKEND_ENV, BACKENDS
 from server.media_policy import (
     DEFAULT_FETCH_TIMEOUT_S,
@@ -96,10 +95,11 @@ def build_parser():
     )
     group.add_argument(
         "--visual-token-importance",
-        choices=IMPORTANCE_SOURCES,
+        choices=IMPORTANCE_NAMES,
         default=os.environ.get("IDSELECT_VISUAL_TOKEN_IMPORTANCE") or None,
-        help="Default importance score when a request gives no visual_token_importance: cls "
-        "([CLS] attention, the default), text (pre-LLM prompt relevance) or unified (their mean); "
+        help="Default importance score when a request gives no visual_token_importance: visual "
+        "(the vision tower's own saliency, the default; cls is its older name on [CLS] towers), "
+        "text (pre-LLM prompt relevance) or unified (their mean); "
         "env IDSELECT_VISUAL_TOKEN_IMPORTANCE.",
     )
     group.add_argument(
@@ -164,8 +164,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args.visual_token_budget = _positive_int(args.visual_token_budget)
     if args.selection_backend not in BACKENDS:  # from the environment
         parser.error(f"{BACKEND_ENV} must be one of {', '.join(BACKENDS)}")
-    if args.visual_token_importance not in (None, *IMPORTANCE_SOURCES):  # from the environment
-        parser.error(f"--visual-token-importance must be one of {', '.join(IMPORTANCE_SOURCES)}")
+    if args.visual_token_importance not in (None, *IMPORTANCE_NAMES):  # from the environment
+        parser.error(f"--visual-token-importance must be one of {', '.join(IMPORTANCE_NAMES)}")
     validate_parsed_serve_args(args)
     if args.api_server_count not in (None, 1) or args.headless:
         parser.error("idselect serve runs a single API server; --api-server-count/--headless "
@@ -223,10 +223,12 @@ async def run(args: argparse.Namespace, options: dict) -> None:
     from vllm.entrypoints.launchers.launcher import setup_server
     from vllm.logger import init_logger
 
-    from idselect.vllm_plugin import full_image_tokens
+    from idselect.vllm_plugin import usage
     from idselect.vllm_plugin.selfcheck import PluginNotActiveError, verify_async
+    from idselect.vllm_plugin.settings import PluginSettings
     from server import media_fetch
     from server.middleware import engine_guard
+    from server.request_context import propagate_to_processing
     from server.settings import ServerSettings
 
     logger = init_logger("vllm.idselect.serve")  # under "vllm": vLLM's log handlers
@@ -245,20 +247,23 @@ async def run(args: argparse.Namespace, options: dict) -> None:
             await verify_async(engine_client.collective_rpc, model_config.architectures)
         except PluginNotActiveError as exc:
             raise SystemExit(f"idselect: refusing to serve: {exc}") from None
-        full = full_image_tokens(hf_config)
+        # Visual usage: reported by the processor into each request's context, counted by the
+        # HTTP layer (not by processing outside requests, e.g. /tokenize).
+        propagate_to_processing(engine_client.renderer)
+        usage.count_in_http_layer()
+        defaults = PluginSettings.from_hf_config(hf_config).defaults
         args.idselect = ServerSettings(
-            full_image_tokens=full,
-            default_budget=args.visual_token_budget,
+            defaults=defaults,
             trust_all_mm_kwargs=options["trust_all"],
             api_key_digests=tuple(ServerSettings.digest(k) for k in options["api_keys"]),
             max_request_bytes=args.max_request_bytes,
         )
         logger.info(
             "idselect: ID-Selection plugin active in the model workers; model=%s, "
-            "visual tokens per image=%s, default visual_token_budget=%s, API key %s",
+            "default visual_token_budget=%s, visual_token_importance=%s, API key %s",
             args.model,
-            full,
-            args.visual_token_budget or "none (full)",
+            defaults.budget or "none (full)",
+            defaults.importance or "visual",
             "required" if options["api_keys"] else "not required",
         )
         logger.info("idselect: media %s", media_fetch.current_policy())

@@ -6,12 +6,13 @@ import hashlib
 import secrets
 from dataclasses import dataclass, field
 
+from idselect.options import VisualOptions
+
 
 @dataclass(frozen=True)
 class ServerSettings:
-    # Visual tokens one image costs without selection (576 for LLaVA-1.5); None if unknown.
-    full_image_tokens: int | None
-    default_budget: int | None = None
+    # The deployment's defaults, as the model's plugin settings resolve them (one place).
+    defaults: VisualOptions = VisualOptions()
     # The operator opened every HF processor kwarg to clients (vLLM's --trust-request-mm-kwargs).
     trust_all_mm_kwargs: bool = False
     # sha256 digests of the accepted API keys; empty means no authentication.

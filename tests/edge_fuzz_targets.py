@@ -27,8 +27,7 @@ import atheris
 import PIL.Image
 
 with atheris.instrument_imports(include=["server", "idselect"]):
-    from idselect.budget import BUDGET_KEY
-    from idselect.importance_source import IMPORTANCE_KEY
+    from idselect.options import BUDGET_KEY, IMPORTANCE_KEY, IMPORTANCE_SOURCES, VisualOptions
     from server.media_policy import (
         MediaPolicy,
         MediaRefused,
@@ -41,11 +40,10 @@ with atheris.instrument_imports(include=["server", "idselect"]):
 
 # PIL warns above its own default limit; check_pixels' own limits are what is under test.
 warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)
-FULL = 576
 SETTINGS = (
-    ServerSettings(full_image_tokens=FULL),
-    ServerSettings(full_image_tokens=FULL, default_budget=32),
-    ServerSettings(full_image_tokens=None, trust_all_mm_kwargs=True),
+    ServerSettings(),
+    ServerSettings(defaults=VisualOptions(budget=32, importance="text")),
+    ServerSettings(trust_all_mm_kwargs=True),
 )
 POLICIES = (
     MediaPolicy(),
@@ -56,7 +54,7 @@ _KEYS = (BUDGET_KEY, IMPORTANCE_KEY, "mm_processor_kwargs", "media_io_kwargs", "
          "logit_bias", "modalities", "audio", "web_search_options", "stream", "model",
          "add_generation_prompt", "role", "content", "type", "image_url", "url", "text",
          "tool_call_id", "name")
-_STRINGS = ("cls", "text", "unified", "user", "system", "assistant", "tool", "function",
+_STRINGS = ("visual", "cls", "text", "unified", "user", "system", "assistant", "tool", "function",
             "developer", "image_url", "input_audio", "file", "refusal", "16", "")
 
 
@@ -136,12 +134,9 @@ def _check_request(body: dict[str, Any], settings: ServerSettings, chat: bool) -
     mm = rewritten.get("mm_processor_kwargs")
     if mm is not None and not settings.trust_all_mm_kwargs:
         assert set(mm) <= {BUDGET_KEY, IMPORTANCE_KEY}, mm
-    budget = request.budget
+    budget = request.options.budget
     assert budget is None or (type(budget) is int and budget >= 1), budget
-    assert request.images >= 0 and (chat or request.images == 0)
-    usage = request.visual_usage(settings.full_image_tokens)
-    if usage is not None:
-        assert 0 <= usage["visual_tokens_kept"] <= usage["visual_tokens_original"], usage
+    assert request.options.source in IMPORTANCE_SOURCES, request.options
 
 
 _SCHEMES = ("http", "https", "HTTP", "ftp", "file", "data", "gopher", "")

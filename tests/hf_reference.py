@@ -52,7 +52,7 @@ class HFLlava:
         self,
         image: Image.Image,
         budget: int | None,
-        importance: str = "cls",
+        importance: str = "visual",
         text_ids: list[int] | None = None,
     ) -> torch.Tensor:
         """What the LLM should see for one image: the projector on ID-Selection's picks.
@@ -61,14 +61,21 @@ class HFLlava:
         input embeddings (`text_ids`: the prompt without image tokens).
         """
         features, scores = self.vision(image)
-        if importance != "cls":
-            with torch.inference_mode():
-                text = self.model.get_input_embeddings()(torch.tensor(text_ids))
-                relevance = text_relevance(self.project(features), text)
-            scores = relevance if importance == "text" else unified(scores, relevance)
+        scores = self.importance(features, scores, importance, text_ids)
         if budget is not None and budget < features.shape[0]:
             features = features[id_select(features, scores, budget)]
         return self.project(features)
+
+    @torch.inference_mode()
+    def importance(
+        self, features: torch.Tensor, visual: torch.Tensor, source: str, text_ids: list[int] | None
+    ) -> torch.Tensor:
+        """The score of each token under an importance source (`cls` is `visual`)."""
+        if source in ("visual", "cls"):
+            return visual
+        text = self.model.get_input_embeddings()(torch.tensor(text_ids))
+        relevance = text_relevance(self.project(features), text)
+        return relevance if source == "text" else unified(visual, relevance)
 
     @torch.inference_mode()
     def greedy(self, prompt_ids: list[int], images: list[torch.Tensor], steps: int) -> list[int]:
@@ -123,9 +130,16 @@ class HFLlavaNext(HFLlava):
         (packed,) = out.pooler_output  # one image, already packed with newlines
         return packed
 
-    def image_embeds(self, image: Image.Image, budget: int | None) -> torch.Tensor:
+    def image_embeds(
+        self,
+        image: Image.Image,
+        budget: int | None,
+        importance: str = "visual",
+        text_ids: list[int] | None = None,
+    ) -> torch.Tensor:
         full = self.full_image_embeds(image)
         if budget is None or budget >= full.shape[0]:
             return full
         features, scores = self.vision(image)
+        scores = self.importance(features, scores, importance, text_ids)
         return self.project(features[id_select(features, scores, budget)])

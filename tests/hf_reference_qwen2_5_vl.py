@@ -20,6 +20,7 @@ from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
 from transformers.vision_utils import get_vision_window_index
 
+from idselect.importance import text_relevance, unified
 from idselect.selection import id_select
 
 
@@ -80,20 +81,48 @@ class HFQwen2_5_VL:
         self._cache[key] = result
         return result
 
-    def picks(self, image: Image.Image, budget: int | None) -> torch.Tensor:
-        """Indices of the kept post-merger tokens (all of them without a budget)."""
+    def picks(
+        self,
+        image: Image.Image,
+        budget: int | None,
+        importance: str = "visual",
+        text_ids: list[int] | None = None,
+    ) -> torch.Tensor:
+        """Indices of the kept post-merger tokens (all of them without a budget).
+
+        `text`/`unified` rank tokens by the cosine of the post-merger features (already in the
+        LLM's embedding space) to the prompt's input embeddings (`text_ids`: the prompt without
+        its vision tokens)."""
         v = self.vision(image)
         if budget is None or budget >= v.features.shape[0]:
             return torch.arange(v.features.shape[0])
-        return id_select(v.features, v.scores, budget)
+        scores = v.scores
+        if importance in ("text", "unified"):
+            with torch.inference_mode():
+                text = self.model.get_input_embeddings()(torch.tensor(text_ids))
+                relevance = text_relevance(v.features, text)
+            scores = relevance if importance == "text" else unified(scores, relevance)
+        return id_select(v.features, scores, budget)
+
+    def text_ids(self, ids: list[int]) -> list[int]:
+        """A prompt's ids without its vision tokens (what prompt-aware importance reads)."""
+        c = self.config
+        vision = {c.image_token_id, c.video_token_id, c.vision_start_token_id,
+                  c.vision_end_token_id}
+        return [t for t in ids if t not in vision]
 
     @torch.inference_mode()
     def pruned_prompt(
-        self, prompt: str, images: list[Image.Image], budgets: list[int | None]
+        self,
+        prompt: str,
+        images: list[Image.Image],
+        budgets: list[int | None],
+        importance: str = "visual",
     ) -> tuple[list[int], torch.Tensor, list[torch.Tensor]]:
         """Token ids, (3, L) positions and per-image kept embeddings of the pruned prompt."""
         full = self.processor(text=[prompt], images=images, return_tensors="pt")
         ids = full.input_ids[0]
+        text_ids = self.text_ids(ids.tolist())
         positions, _ = self.model.model.get_rope_index(
             full.input_ids, full.mm_token_type_ids, image_grid_thw=full.image_grid_thw
         )
@@ -104,7 +133,7 @@ class HFQwen2_5_VL:
         for image, budget in zip(images, budgets, strict=True):
             v = self.vision(image)
             n = v.features.shape[0]
-            picks = self.picks(image, budget)
+            picks = self.picks(image, budget, importance, text_ids)
             mask = torch.zeros(n, dtype=torch.bool)
             mask[picks] = True
             keep[slots[start : start + n]] = mask

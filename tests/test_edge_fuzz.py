@@ -98,7 +98,7 @@ def test_found_inputs_are_refused_by_the_rules(body, param):
     with pytest.raises(RequestRejected) as raised:
         body = json.loads(json.dumps(body))
         check_chat_request(body)
-        prepare(body, ServerSettings(full_image_tokens=576))
+        prepare(body, ServerSettings())
     assert raised.value.param == param
 
 
@@ -107,7 +107,7 @@ def test_beam_search_keeps_sane_length_penalties():
         body = {"messages": [{"role": "user", "content": "x"}], "use_beam_search": True,
                 "length_penalty": penalty}
         check_chat_request(body)
-        assert prepare(body, ServerSettings(full_image_tokens=576)) is not None
+        assert prepare(body, ServerSettings()) is not None
 
 
 # What atheris found in our own code (2,000,000-run seeded runs, see docs/robustness.md).
@@ -115,24 +115,25 @@ def test_a_part_type_that_is_not_a_string_is_no_crash():
     """request_options: `{"type": []}` in a /v1/completions body's messages raised TypeError
     (unhashable list) in the image count: a 500 through the server."""
     body = {"prompt": "x", "messages": [{"role": "user", "content": [{"type": []}, {"type": {}}]}]}
-    request = prepare(body, ServerSettings(full_image_tokens=576), chat=False)
-    assert request is not None and request.images == 0
-    with pytest.raises(RequestRejected):  # the chat rules refuse it before counting
+    assert prepare(body, ServerSettings(), chat=False) is not None
+    with pytest.raises(RequestRejected):  # the chat rules refuse it before looking for images
         check_chat_request(body)
 
 
-def test_completions_bodies_count_no_images():
-    """A /v1/completions body carries no images; `messages` there must not inflate usage."""
+def test_images_matter_only_in_chat_bodies():
+    """A /v1/completions body carries no images: `messages` there must not trigger the
+    image-only rule (truncation through an image's tokens)."""
     part = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
-    body = {"prompt": "x", "messages": [{"role": "user", "content": [part, part]}]}
-    settings = ServerSettings(full_image_tokens=576)
-    assert prepare(body, settings, chat=False).visual_usage(576) == {
-        "visual_tokens_original": 0, "visual_tokens_kept": 0}
-    assert prepare(body, settings).images == 2
+    body = {"prompt": "x", "messages": [{"role": "user", "content": [part, part]}],
+            "truncate_prompt_tokens": 4}
+    assert prepare(body, ServerSettings(), chat=False) is not None
+    with pytest.raises(RequestRejected) as raised:
+        prepare(body, ServerSettings())
+    assert raised.value.param == "truncate_prompt_tokens"
 
 
 def test_a_huge_integer_under_an_empty_key_names_no_param():
     """json_body: `{"": 22212222222222222222}` was refused with param "" (now null)."""
     with pytest.raises(RequestRejected) as raised:
-        prepare({"": 22212222222222222222}, ServerSettings(full_image_tokens=576))
+        prepare({"": 22212222222222222222}, ServerSettings())
     assert raised.value.param is None and "engine's integer range" in str(raised.value)

@@ -13,7 +13,7 @@ import torch
 from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from idselect.budget import BudgetError
+from idselect.options import BudgetError
 from idselect.selection import id_select
 from idselect.vllm_plugin.selfcheck import verify_offline
 from tests import engine_probe
@@ -184,7 +184,7 @@ def test_prompt_aware_importance_matches_reference_and_is_keyed_by_prompt(llm, h
 
 
 def test_bad_importance_is_rejected(llm):
-    from idselect.importance_source import ImportanceError
+    from idselect.options import ImportanceError
 
     with pytest.raises(ImportanceError, match="visual_token_importance"):
         llm.generate(_request(PROMPT, [make_image(81)], 16, "attention"), _greedy())

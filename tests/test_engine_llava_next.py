@@ -47,13 +47,14 @@ def hf(model_dir) -> HFLlavaNext:
     return HFLlavaNext(model_dir)
 
 
-def _generate(llm, prompt, images, budget=None):
+def _generate(llm, prompt, images, budget=None, importance=None):
     from vllm import SamplingParams
 
     request = {"prompt": prompt,
                "multi_modal_data": {"image": images if len(images) > 1 else images[0]}}
-    if budget is not None:
-        request["mm_processor_kwargs"] = {"visual_token_budget": budget}
+    options = {"visual_token_budget": budget, "visual_token_importance": importance}
+    if budget is not None or importance is not None:
+        request["mm_processor_kwargs"] = {k: v for k, v in options.items() if v is not None}
     (out,) = llm.generate(request, SamplingParams(max_tokens=STEPS, temperature=0,
                                                   ignore_eos=True))
     return out
@@ -103,9 +104,37 @@ def test_two_images_of_different_sizes(llm, hf):
 
 
 def test_bad_budget_rejected(llm, hf):
-    from idselect.budget import BudgetError
+    from idselect.options import BudgetError
 
     with pytest.raises(BudgetError, match="visual_token_budget"):
         _generate(llm, PROMPT, [make_image(72, (600, 300))], 0)
     assert len(_generate(llm, PROMPT, [make_image(72, (600, 300))], 8).prompt_token_ids) == (
         _text_tokens(hf, PROMPT) + 8)
+
+
+@pytest.mark.parametrize("importance", ["text", "unified"])
+def test_prompt_aware_importance_matches_reference_and_is_keyed_by_prompt(llm, hf, importance):
+    """Across base view and tiles: each prompt gets its own selection (no stale cache hit)."""
+    image = make_image(73, (600, 300))
+    seen = []
+    for prompt in [PROMPT, "USER: <image>\nHow many dogs are there?\nASSISTANT:"]:
+        llm.apply_model(engine_probe.drain)
+        out = _generate(llm, prompt, [image], 24, importance)
+        (_, projected) = llm.apply_model(engine_probe.drain)[0][-1]
+        text_ids = [t for t in out.prompt_token_ids if t != hf.image_token_id]
+        expected = hf.image_embeds(image, 24, importance, text_ids)
+        torch.testing.assert_close(torch.tensor(projected), expected, rtol=1e-4, atol=1e-4)
+        assert list(out.outputs[0].token_ids) == hf.greedy(out.prompt_token_ids, [expected], STEPS)
+        seen.append(expected)
+    assert not torch.allclose(seen[0], seen[1]), "the prompt should change the selection"
+    assert not torch.allclose(seen[0], hf.image_embeds(image, 24)), "should differ from visual"
+
+
+@pytest.mark.parametrize("name", ["visual", "cls"])
+def test_visual_importance_by_either_name_is_the_cls_score(llm, hf, name):
+    image = make_image(74, (500, 500))
+    llm.apply_model(engine_probe.drain)
+    _generate(llm, PROMPT, [image], 20, name)
+    (_, projected) = llm.apply_model(engine_probe.drain)[0][-1]
+    torch.testing.assert_close(torch.tensor(projected), hf.image_embeds(image, 20),
+                               rtol=1e-4, atol=1e-4)

@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from devtools.tiny_qwen2_5_vl import write_tiny_qwen2_5_vl
-from idselect.budget import BudgetError
+from idselect.options import BudgetError, ImportanceError
 from idselect.selection import id_select
-from idselect.vllm_plugin.qwen2_5_vl import decode_positions, media_positions
+from idselect.vllm_plugin.mrope import decode_positions, media_positions
 from idselect.vllm_plugin.selfcheck import verify_offline
 from tests.conftest import make_image
 from tests.hf_reference_qwen2_5_vl import HFQwen2_5_VL
@@ -48,13 +48,13 @@ FULL = {SQUARE: 144, WIDE: 128, TALL: 112}
 def install_probe(model) -> None:
     """Record selection inputs/outputs, embeddings handed to the runner, and LLM positions."""
     store: dict[str, list] = {"select": [], "embeds": [], "positions": []}
-    select, embed, forward = model._select, model.embed_multimodal, model.forward
+    pick, embed, forward = model._pick, model.embed_multimodal, model.forward
 
-    def probe_select(features, scores, keeps):
-        picks = select(features, scores, keeps)
+    def probe_pick(units, scores, plans, llm_tokens):
+        picks = pick(units, scores, plans, llm_tokens)
         store["select"].append(
-            ([f.tolist() for f in features], [s.tolist() for s in scores], list(keeps),
-             [p.tolist() for p in picks])
+            ([f.tolist() for f in units], [s.tolist() for s in scores], list(plans.keeps),
+             [None if p is None else p.tolist() for p in picks])
         )
         return picks
 
@@ -68,7 +68,7 @@ def install_probe(model) -> None:
         store["positions"].append(positions.tolist())
         return forward(*args, **kwargs)
 
-    model._select, model.embed_multimodal, model.forward = probe_select, probe_embed, probe_forward
+    model._pick, model.embed_multimodal, model.forward = probe_pick, probe_embed, probe_forward
     model._idselect_probe = store
 
 
@@ -115,11 +115,12 @@ def hf(model_dir) -> HFQwen2_5_VL:
     return HFQwen2_5_VL(model_dir)
 
 
-def _request(prompt: str, images: list, budget=None) -> dict:
+def _request(prompt: str, images: list, budget=None, importance=None) -> dict:
     data = {"image": images if len(images) > 1 else images[0]}
     req = {"prompt": prompt, "multi_modal_data": data}
-    if budget is not None:
-        req["mm_processor_kwargs"] = {"visual_token_budget": budget}
+    options = {"visual_token_budget": budget, "visual_token_importance": importance}
+    if budget is not None or importance is not None:
+        req["mm_processor_kwargs"] = {k: v for k, v in options.items() if v is not None}
     return req
 
 
@@ -300,14 +301,37 @@ def test_deployment_default_budget_and_request_override(model_dir, hf):
     assert placeholders({"visual_token_budget": 10**9}) == FULL[WIDE]
 
 
-@pytest.mark.parametrize("source", ["cls", "text", "unified", "bogus"])
-def test_importance_option_accepts_only_the_visual_score(llm, hf, source):
-    """`cls` means this ViT's own visual saliency; the prompt-aware sources are refused."""
-    request = _request(PROMPT, [make_image(18, WIDE)], 16)
-    request["mm_processor_kwargs"]["visual_token_importance"] = source
-    if source != "cls":
-        with pytest.raises(BudgetError, match="visual_token_importance"):
-            llm.generate(request, _greedy(1))
-        return
-    (out,) = llm.generate(request, _greedy(1))
+@pytest.mark.parametrize("importance", ["text", "unified"])
+def test_prompt_aware_importance_matches_reference_and_is_keyed_by_prompt(llm, hf, importance):
+    """Same image, same K, two prompts: each its own selection, positions and tokens as the
+    reference's (no stale processor/encoder/prefix cache hit across prompts)."""
+    image = make_image(19, WIDE)
+    picks = []
+    for prompt in (PROMPT, PROMPT.replace("What is in the image?", "How many dogs are there?")):
+        assert prompt.count("<|image_pad|>") == 1
+        _drain(llm)
+        (out,) = llm.generate(_request(prompt, [image], 16, importance), _greedy())
+        ids, positions, embeds = hf.pruned_prompt(prompt, [image], [16], importance)
+        assert list(out.prompt_token_ids) == ids
+        assert list(out.outputs[0].token_ids) == hf.greedy(ids, positions, embeds, STEPS)
+        ((*_, call_picks),) = _drain(llm)["select"]
+        text_ids = hf.text_ids(hf.processor(text=[prompt], images=[image]).input_ids[0])
+        assert call_picks[0] == hf.picks(image, 16, importance, text_ids).tolist()
+        picks.append(call_picks[0])
+    assert picks[0] != picks[1], "the prompt should change the selection"
+    assert picks[0] != hf.picks(image, 16).tolist(), f"{importance} should differ from visual"
+
+
+def test_visual_importance_is_the_vits_own_score_and_cls_is_refused(llm, hf):
+    """This ViT has no [CLS]: `visual` is its attention score; the name `cls` is a 400-class
+    error, as is an unknown source; the engine keeps serving."""
+    image = make_image(18, WIDE)
+    _drain(llm)
+    (out,) = llm.generate(_request(PROMPT, [image], 16, "visual"), _greedy(1))
+    ((*_, call_picks),) = _drain(llm)["select"]
+    assert call_picks[0] == hf.picks(image, 16).tolist()
+    for bad in ("cls", "bogus"):
+        with pytest.raises(ImportanceError, match="visual_token_importance"):
+            llm.generate(_request(PROMPT, [image], 16, bad), _greedy(1))
+    (out,) = llm.generate(_request(PROMPT, [image], 16), _greedy(1))
     assert out.prompt_token_ids.count(hf.image_token_id) == 16

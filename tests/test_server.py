@@ -201,7 +201,7 @@ def test_server_default_budget_applies_and_requests_override_it(defaulted, text_
     assert _chat(client, model_id, [make_image(7)], None).usage.visual_tokens_kept == 32
     overridden = _chat(client, model_id, [make_image(7)], 10**9)
     assert overridden.usage.prompt_tokens == text_tokens(QUESTION, 1) + FULL
-    assert "importance=unified" in defaulted.log()  # the worker got the deployment default
+    assert "importance: unified" in defaulted.log()  # the worker got the deployment default
     assert "selection backend torch on cpu" in defaulted.log()
     assert httpx.get(defaulted.base_url + "/health", timeout=10).status_code == 200
 

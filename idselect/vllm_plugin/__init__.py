@@ -35,16 +35,3 @@ def register() -> None:
 
     for arch, target in ARCHITECTURES.items():
         ModelRegistry.register_model(arch, target)
-
-
-def full_image_tokens(hf_config) -> int | None:
-    """Visual tokens one image costs unpruned, when that is fixed by the config (LLaVA-1.5)."""
-    architectures = getattr(hf_config, "architectures", None) or []
-    if "LlavaForConditionalGeneration" not in architectures:
-        return None
-    from idselect.vllm_plugin.llava import supports_pruning
-
-    if not supports_pruning(hf_config):
-        return None
-    vision = hf_config.vision_config
-    return (vision.image_size // vision.patch_size) ** 2

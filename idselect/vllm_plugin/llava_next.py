@@ -1,11 +1,13 @@
 """LLaVA-NeXT (AnyRes) with ID-Selection: K tokens per image across the base view and the tiles.
 
-Placeholders are a fixed function of (image size, K), known before the encoder runs: an image
-whose full count (base + unpadded tiles + one newline per unpadded row) exceeds K keeps exactly
-min(K, base + unpadded tiles) tokens and drops the newline tokens; otherwise it is served as vLLM
-would. [CLS] scores come per 336-px crop, so they are normalised per crop (crops compete on equal
-terms), then carried through the same unpad/permute as the features. Kept tokens stay in the
-stock order: the base view first, then the unpadded tile grid row by row.
+What this backbone states (the rest is the framework's and LLaVA-1.5's):
+- Counts: an image whose full count (base + unpadded tiles + one newline per unpadded row)
+  exceeds K keeps exactly min(K, base + unpadded tiles) tokens and drops the newline tokens;
+  otherwise it is served as vLLM would. A fixed function of (image size, K).
+- Importance: [CLS] scores come per 336-px crop, so they are normalised per crop (crops compete
+  on equal terms), then carried through the same unpad/permute as the features.
+- Merge: kept tokens stay in the stock order (the base view first, then the unpadded tile grid
+  row by row) and are projected; no newline tokens.
 """
 
 from __future__ import annotations
@@ -28,25 +30,26 @@ from vllm.model_executor.models.llava_next import (
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from idselect.importance import normalize_scores
-from idselect.selection import id_select
-from idselect.vllm_plugin import metrics
 from idselect.vllm_plugin.capture import encode_with_cls_scores
+from idselect.vllm_plugin.embedding import SelectionModelMixin, check_counts
+from idselect.vllm_plugin.items import ImagePlans
 from idselect.vllm_plugin.llava import supports_pruning
 from idselect.vllm_plugin.processing import (
-    IMPORTANCE_FIELD,
-    KEEP_FIELD,
-    TEXT_FIELD,
-    BudgetInfoMixin,
-    BudgetProcessorMixin,
+    ItemTokens,
+    SelectionInfoMixin,
+    SelectionProcessorMixin,
 )
-from idselect.vllm_plugin.settings import PluginSettings
 
 
-class IDSelectLlavaNextProcessingInfo(BudgetInfoMixin, LlavaNextProcessingInfo):
-    def kept_tokens(self, budget: int, width: int, height: int) -> int:
-        return min(budget, self.full_tokens(width, height) - self.newline_tokens(width, height))
+class IDSelectLlavaNextProcessingInfo(SelectionInfoMixin, LlavaNextProcessingInfo):
+    def item_tokens(self, processed: BatchFeature) -> list[ItemTokens]:
+        out = []
+        for height, width in processed["image_sizes"].tolist():
+            full = self.get_num_image_tokens(image_width=int(width), image_height=int(height))
+            out.append(ItemTokens(full, full - self._newline_tokens(int(width), int(height))))
+        return out
 
-    def newline_tokens(self, width: int, height: int) -> int:
+    def _newline_tokens(self, width: int, height: int) -> int:
         encoder = self.get_vision_encoder_info()
         rows, cols = get_anyres_image_grid_shape(
             image_size=(height, width),
@@ -62,11 +65,10 @@ class IDSelectLlavaNextProcessingInfo(BudgetInfoMixin, LlavaNextProcessingInfo):
         )
         return newlines
 
-    def full_tokens_per_item(self, processed: BatchFeature) -> list[int]:
-        return [self.full_tokens(int(w), int(h)) for h, w in processed["image_sizes"].tolist()]
 
-
-class IDSelectLlavaNextMultiModalProcessor(BudgetProcessorMixin, LlavaNextMultiModalProcessor):
+class IDSelectLlavaNextMultiModalProcessor(
+    SelectionProcessorMixin, LlavaNextMultiModalProcessor
+):
     info: IDSelectLlavaNextProcessingInfo
 
 
@@ -75,72 +77,70 @@ class IDSelectLlavaNextMultiModalProcessor(BudgetProcessorMixin, LlavaNextMultiM
     info=IDSelectLlavaNextProcessingInfo,
     dummy_inputs=LlavaDummyInputsBuilder,
 )
-class IDSelectLlavaNextForConditionalGeneration(LlavaNextForConditionalGeneration):
+class IDSelectLlavaNextForConditionalGeneration(
+    SelectionModelMixin, LlavaNextForConditionalGeneration
+):
     """LLaVA-NeXT whose embedding step keeps K tokens per image, chosen by ID-Selection."""
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self.idselect_settings = PluginSettings.for_model(vllm_config)
         if not supports_pruning(self.config):
             raise ValueError(
                 "idselect prunes LLaVA-NeXT checkpoints with a CLIP tower, the 'default' "
                 "feature strategy and one feature layer"
             )
+        self._init_selection(vllm_config, "LLaVA-NeXT")
         self._feature_attn = self.vision_tower.vision_model.encoder.layers[-1].self_attn
 
     def embed_multimodal(self, **kwargs: object):
-        budgets = kwargs.pop(KEEP_FIELD, None)
-        # Prompt-aware sources are refused by this model's processor: only [CLS] scores arrive.
-        kwargs.pop(IMPORTANCE_FIELD, None)
-        kwargs.pop(TEXT_FIELD, None)
+        plans = ImagePlans.pop(kwargs)
         image_input = self._parse_and_validate_image_input(**kwargs)
         if image_input is None:
             return []
-        if budgets is None or image_input["type"] != "pixel_values":
+        if plans is None or image_input["type"] != "pixel_values" or not plans.any_pruned():
             return self._process_image_input(image_input)
-        budgets = [int(b) for b in torch.as_tensor(budgets).flatten().tolist()]
-        if not any(budgets):
-            return self._process_image_input(image_input)
-        pixel_values = image_input["pixel_values"]
-        image_sizes = image_input["image_sizes"]
-        micro = self.idselect_settings.encoder_micro_batch
-        # One image (all its crops) per tower pass, at most `micro` crops at a time.
-        return [
-            self._embed_image(crops, image_sizes[i], budgets[i], micro)
-            for i, crops in enumerate(pixel_values)
+        pixel_values, image_sizes = image_input["pixel_values"], image_input["image_sizes"]
+        if len(plans) != len(pixel_values):
+            raise RuntimeError(f"{len(plans)} selection plans for {len(pixel_values)} images")
+        encoded = [
+            self._encode(crops, size, keep is not None)
+            for crops, size, keep in zip(pixel_values, image_sizes, plans.keeps, strict=True)
         ]
+        units = [u for u, _ in encoded]
+        picks = self._pick(
+            units, [s for _, s in encoded], plans, lambda i: self.multi_modal_projector(units[i])
+        )
+        out = [
+            self._merge_image_patch_embeddings(
+                size, self.multi_modal_projector(u), strategy="spatial_unpad"
+            )
+            if idx is None
+            else self.multi_modal_projector(u.index_select(0, idx))
+            for u, size, idx in zip(units, image_sizes, picks, strict=True)
+        ]
+        kept = [i for i, k in enumerate(plans.keeps) if k is not None]
+        check_counts([out[i] for i in kept], [plans.keeps[i] for i in kept])
+        return out
 
-    def _embed_image(
-        self, crops: torch.Tensor, image_size: torch.Tensor, budget: int, micro: int
-    ) -> torch.Tensor:
+    def _encode(
+        self, crops: torch.Tensor, image_size: torch.Tensor, pruned: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """An image's crops through the tower, at most `micro` crops per pass.
+
+        Unpruned: the features (crops, 576, C) and no scores. Pruned: the selection units, packed
+        in vLLM's AnyRes order without newlines (N, C), and their [CLS] scores normalised per
+        crop, packed the same way (N,).
+        """
         tower = partial(self._image_pixels_to_features, self.vision_tower)
-        if not budget:
-            features = torch.cat([tower(crops[i : i + micro]) for i in range(0, len(crops), micro)])
-            return self._merge_image_patch_embeddings(
-                image_size, self.multi_modal_projector(features), strategy="spatial_unpad"
-            )
-        parts = [
-            encode_with_cls_scores(tower, self._feature_attn, crops[i : i + micro])
-            for i in range(0, len(crops), micro)
-        ]
-        features = torch.cat([f for f, _ in parts])
-        scores = normalize_scores(torch.cat([s for _, s in parts]))  # per crop (row)
-        with metrics.timed_selection(features.device, 1):
-            scored = torch.cat([features, scores[..., None].to(features.dtype)], -1)
-            packed = self._pack_without_newlines(image_size, scored)
-            packed_features, packed_scores = packed[:, :-1], packed[:, -1]
-            picks = id_select(
-                packed_features,
-                packed_scores,
-                budget,
-                gamma=self.idselect_settings.gamma,
-                suppression=self.idselect_settings.suppression,
-                backend="auto",
-            )
-        expected = min(budget, packed.shape[0])
-        if len(picks) != expected:
-            raise RuntimeError(f"idselect selected {len(picks)} tokens, expected {expected}")
-        return self.multi_modal_projector(packed_features[picks.to(packed.device)])
+        micro = self.idselect_settings.encoder_micro_batch
+        batches = [crops[i : i + micro] for i in range(0, len(crops), micro)]
+        if not pruned:
+            return torch.cat([tower(b) for b in batches]), None
+        encoded = [encode_with_cls_scores(tower, self._feature_attn, b) for b in batches]
+        features = torch.cat([f for f, _ in encoded])
+        scores = normalize_scores(torch.cat([s for _, s in encoded]))  # per crop (row)
+        units = self._pack_without_newlines(image_size, features)
+        return units, self._pack_without_newlines(image_size, scores[..., None])[:, 0]
 
     def _pack_without_newlines(self, image_size: torch.Tensor, crops: torch.Tensor) -> torch.Tensor:
         """Per-crop tokens (crops, 576, C) in vLLM's AnyRes order, unpadded, without newlines."""

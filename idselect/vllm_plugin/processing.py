@@ -1,8 +1,21 @@
-"""Budget handling shared by the plugin's multimodal processors (front-end process).
+"""The front-end half of the backbone framework: ProcessingInfo and processor mixins.
 
-The request's budget becomes a per-image field that is cached with the processed item and reaches
-the embedding step, and it decides how many image placeholders the prompt gets, before the
-encoder runs. Model-specific counting stays in each architecture's ProcessingInfo.
+Put `SelectionInfoMixin` before a vLLM ProcessingInfo class and `SelectionProcessorMixin` before
+its multimodal processor. Per request they:
+
+1. parse the options once (`VisualOptions`, deployment defaults resolved by `PluginSettings`),
+   refuse what this backbone cannot do, and keep our keys away from transformers;
+2. give each image its kept count from the model's own counts (`ItemTokens`): `min(K,
+   selectable)` when the budget is below the image's full count, else unpruned; a fixed function of
+   the image and K, known before the encoder runs;
+3. carry the plan to the model as per-image fields (`items`), part of the item's cache hash,
+   with the prompt's text ids when the importance is prompt-aware;
+4. emit that many placeholders per image (every image prompt update of the model);
+5. report each image's original and kept counts (`usage`), profiling excluded.
+
+An architecture states only its counts: `item_tokens` (from the processed outputs) and
+`full_tokens` (from an image size, for images the processor cache elided), and where its
+placeholders differ from a run of one token, `pruned_replacement`.
 """
 
 from __future__ import annotations
@@ -10,88 +23,103 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
-import torch
 from transformers import BatchFeature
 from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
 from vllm.multimodal.parse import ImageProcessorItems, MultiModalDataItems
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 from vllm.multimodal.processing.inputs import ProcessorInputs
 
-from idselect.budget import BUDGET_KEY, BudgetError, budget_bucket, validate_budget
-from idselect.importance_source import (
-    IMPORTANCE_KEY,
-    IMPORTANCE_SOURCES,
+from idselect.budget import budget_bucket
+from idselect.options import (
+    BUDGET_KEY,
+    OPTION_KEYS,
+    BudgetError,
     ImportanceError,
-    ImportanceSource,
-    validate_importance,
+    OptionError,
+    VisualOptions,
 )
-from idselect.vllm_plugin import metrics
+from idselect.vllm_plugin import items, usage
 from idselect.vllm_plugin.settings import PluginSettings
 
-# Per-image budget carried from the processor to the embedding step, cached with the item.
-# 0 means "no pruning" (no budget, or one at least the image's full count), so every image
-# carries the field and items still batch together.
-KEEP_FIELD = "idselect_num_kept"
-# Importance source per image (index into IMPORTANCE_SOURCES) and, for the prompt-aware ones,
-# the prompt's text token ids (padded with -1): the embedding step has no prompt of its own.
-IMPORTANCE_FIELD = "idselect_importance"
-TEXT_FIELD = "idselect_text_ids"
-MAX_TEXT_TOKENS = 256
-# Internal processor kwarg that carries the prompt's text ids to the per-item hooks. Being a
-# processor kwarg, it is part of the item's cache hash: prompt-aware embeddings of the same image
-# under a different prompt are never served from the encoder or prefix cache.
+# Internal processor kwarg with the prompt's text ids, for the prompt-aware sources. Being a
+# processor kwarg, it is part of each item's cache hash: prompt-aware embeddings of the same image
+# under another prompt are never served from the processor, encoder or prefix cache.
 _TEXT_IDS_KWARG = "_idselect_text_ids"
-_OUR_KWARGS = (BUDGET_KEY, IMPORTANCE_KEY, _TEXT_IDS_KWARG)
-
-# Dummy inputs for memory profiling go through `apply` too; they are not traffic.
-_profiling = contextvars.ContextVar("idselect_profiling", default=False)
+_OUR_KWARGS = (*OPTION_KEYS, _TEXT_IDS_KWARG)
 
 
-def item_budget(item: Mapping[str, object]) -> int:
-    return int(item[KEEP_FIELD].data)
+@dataclass(frozen=True)
+class ItemTokens:
+    full: int  # tokens vLLM's stock model gives the image
+    selectable: int  # of those, the ones ID-Selection chooses from (the rest are structure)
 
 
-class BudgetInfoMixin:
-    """For a vLLM ProcessingInfo: where the budget comes from and what it keeps."""
+@dataclass(frozen=True)
+class _Request:
+    options: VisualOptions  # resolved
+    given_budget: bool  # the request itself (not the deployment) set a budget
+
+
+# The request being processed, for the per-item hooks `apply` calls (same thread); None while
+# vLLM profiles with dummy inputs, which are not traffic and are never pruned.
+_request: contextvars.ContextVar[_Request | None] = contextvars.ContextVar(
+    "idselect_request", default=None
+)
+
+
+def kept_count(budget: int | None, tokens: ItemTokens) -> int | None:
+    """Tokens an image keeps under a budget; None when it is served unpruned."""
+    if budget is None or budget >= tokens.full:
+        return None
+    return min(budget, tokens.selectable)
+
+
+def _without_our_kwargs(kwargs: Mapping[str, object]) -> dict[str, object]:
+    return {k: v for k, v in kwargs.items() if k not in _OUR_KWARGS}
+
+
+class SelectionInfoMixin:
+    """For a vLLM ProcessingInfo: settings, options and the counts of this architecture."""
+
+    # The backbone's visual score is [CLS] attention: the request name "cls" is accepted.
+    has_cls_token = True
 
     def get_settings(self) -> PluginSettings:
         return PluginSettings.from_hf_config(self.get_hf_config())
 
-    def resolve_budget(self, hf_processor_mm_kwargs: Mapping[str, object]) -> int | None:
-        """The request's budget if it gave one (null counts as not given), else the default."""
-        requested = validate_budget(hf_processor_mm_kwargs.get(BUDGET_KEY))
-        return requested if requested is not None else self.get_settings().default_budget
+    def request_options(self, hf_processor_mm_kwargs: Mapping[str, object]) -> VisualOptions:
+        """The request's options, validated, with the deployment defaults filled in."""
+        requested = VisualOptions.parse(hf_processor_mm_kwargs)
+        if requested.importance == "cls" and not self.has_cls_token:
+            raise ImportanceError(
+                "visual_token_importance 'cls' needs a vision tower with a [CLS] token, and "
+                "this model's has none: use 'visual' (its own visual saliency score)"
+            )
+        return requested.resolved(self.get_settings().defaults)
 
-    def resolve_importance(self, hf_processor_mm_kwargs: Mapping[str, object]) -> ImportanceSource:
-        requested = validate_importance(hf_processor_mm_kwargs.get(IMPORTANCE_KEY))
-        return requested or self.get_settings().default_importance
+    def get_hf_processor(self, **kwargs: object):
+        # Never hand our options to transformers: it would warn, and vLLM would build and cache
+        # one HF processor per distinct value.
+        return super().get_hf_processor(**_without_our_kwargs(kwargs))
 
-    def supports_prompt_importance(self) -> bool:
-        return False
-
-    def full_tokens(self, width: int, height: int) -> int:
-        """Image tokens vLLM's stock model gives this image."""
-        return self.get_num_image_tokens(image_width=width, image_height=height)
-
-    def kept_tokens(self, budget: int, width: int, height: int) -> int:
-        """Placeholders for an image under a budget smaller than its full count."""
-        return budget
-
-    def full_tokens_per_item(self, processed: BatchFeature) -> list[int]:
+    def item_tokens(self, processed: BatchFeature) -> list[ItemTokens]:
+        """Counts of each image the HF processor produced pixels for."""
         raise NotImplementedError
 
+    def full_tokens(self, width: int, height: int, mm_kwargs: Mapping[str, object]) -> int:
+        """Tokens vLLM's stock model gives an image of this size."""
+        return self.get_num_image_tokens(image_width=width, image_height=height)
 
-class BudgetProcessorMixin:
+
+class SelectionProcessorMixin:
     """Put before a vLLM multimodal processor class in the bases."""
 
     def _call_hf_processor(
         self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]
     ) -> BatchFeature:
-        # Keep the budget away from transformers: it would warn, and vLLM would build and cache
-        # one HF processor per distinct budget value.
-        hf_kwargs = {k: v for k, v in hf_kwargs.items() if k not in _OUR_KWARGS}
-        return super()._call_hf_processor(hf_data, hf_kwargs)
+        return super()._call_hf_processor(hf_data, _without_our_kwargs(hf_kwargs))
 
     def _postprocess_hf_mm_data(
         self,
@@ -103,18 +131,12 @@ class BudgetProcessorMixin:
             mm_inputs, hf_processor_mm_kwargs, processed_data
         )
         if processed_data.get("pixel_values") is not None:
-            budget = self.info.resolve_budget(hf_processor_mm_kwargs)
-            fulls = self.info.full_tokens_per_item(processed_data)
-            keeps = [0 if budget is None or budget >= full else budget for full in fulls]
-            processed_data[KEEP_FIELD] = torch.tensor(keeps, dtype=torch.long)
-            source = self.info.resolve_importance(hf_processor_mm_kwargs)
-            text = torch.full((len(keeps), MAX_TEXT_TOKENS), -1, dtype=torch.long)
-            ids = list(hf_processor_mm_kwargs.get(_TEXT_IDS_KWARG) or ())[-MAX_TEXT_TOKENS:]
-            if ids:
-                text[:, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-            code = IMPORTANCE_SOURCES.index(source)
-            processed_data[IMPORTANCE_FIELD] = torch.full((len(keeps),), code, dtype=torch.long)
-            processed_data[TEXT_FIELD] = text
+            request = _request.get()
+            budget = request.options.budget if request is not None else None
+            keeps = [kept_count(budget, t) for t in self.info.item_tokens(processed_data)]
+            source = request.options.source if request is not None else "visual"
+            text_ids = hf_processor_mm_kwargs.get(_TEXT_IDS_KWARG) or ()
+            processed_data.update(items.encode(keeps, source, text_ids))
         return processed_data
 
     def _get_mm_fields_config(
@@ -122,9 +144,7 @@ class BudgetProcessorMixin:
     ) -> Mapping[str, MultiModalFieldConfig]:
         return {
             **super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs),
-            KEEP_FIELD: MultiModalFieldConfig.batched("image", keep_on_cpu=True),
-            IMPORTANCE_FIELD: MultiModalFieldConfig.batched("image", keep_on_cpu=True),
-            TEXT_FIELD: MultiModalFieldConfig.batched("image", keep_on_cpu=True),
+            **items.fields_config(),
         }
 
     def _get_prompt_updates(
@@ -136,65 +156,117 @@ class BudgetProcessorMixin:
         updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
         images = mm_items.get("image")
         if images is not None and not isinstance(images, ImageProcessorItems):
-            if hf_processor_mm_kwargs.get(BUDGET_KEY) is not None:
-                raise BudgetError(f"{BUDGET_KEY} cannot be applied to precomputed image embeddings")
             return updates  # precomputed embeddings keep their own length
-        if images is None:
-            return updates  # every image came from the processor cache: nothing to resolve
+        return [self._pruned_update(u, out_mm_kwargs) for u in updates]
 
-        (update,) = updates
-        stock_replacement = update.replacement
+    def _pruned_update(
+        self, update: PromptUpdate, out_mm_kwargs: MultiModalKwargsItems
+    ) -> PromptUpdate:
+        if update.modality != "image":
+            return update
+        stock = update.replacement
 
-        def replacement(item_idx: int) -> list[int]:
-            full_tokens = stock_replacement(item_idx)
-            budget = item_budget(out_mm_kwargs["image"][item_idx])
-            if not budget:
-                return full_tokens
-            size = images.get_image_size(item_idx)
-            return full_tokens[: self.info.kept_tokens(budget, size.width, size.height)]
+        def replacement(item_idx: int):
+            full = stock(item_idx)
+            keep = items.item_keep(out_mm_kwargs["image"][item_idx])
+            return full if keep is None else self.pruned_replacement(full, keep)
 
-        return [PromptReplacement(modality="image", target=update.target, replacement=replacement)]
+        return PromptReplacement(modality="image", target=update.target, replacement=replacement)
+
+    def pruned_replacement(self, stock: object, keep: int) -> object:
+        """The placeholders of an image that keeps `keep` tokens, from the stock ones."""
+        return stock[:keep]
 
     def apply(self, inputs: ProcessorInputs, timing_ctx) -> object:
-        # Validate up front: with every image served from the processor cache, the per-item
-        # hooks never see the request's kwargs.
-        budget = self.info.resolve_budget(inputs.hf_processor_mm_kwargs)
-        source = self.info.resolve_importance(inputs.hf_processor_mm_kwargs)
-        if source != "cls":
+        if _profiling.get():  # dummy inputs: never pruned (the memory profile is the maximum)
+            return super().apply(inputs, timing_ctx)
+        # The per-item hooks below may not run at all (every image served from the processor
+        # cache): parse and check the options here, once per request.
+        kwargs = inputs.hf_processor_mm_kwargs
+        options = self.info.request_options(kwargs)
+        given_budget = kwargs.get(BUDGET_KEY) is not None
+        images = inputs.mm_data_items.get("image")
+        if given_budget and images is not None and not isinstance(images, ImageProcessorItems):
+            raise BudgetError(f"{BUDGET_KEY} cannot be applied to precomputed image embeddings")
+        if options.source != "visual":
             inputs = self._with_prompt_text(inputs)
-        result = super().apply(inputs, timing_ctx)
-        if not _profiling.get():
-            self._record(inputs, result, budget)
+        token = _request.set(_Request(options, given_budget))
+        try:
+            result = super().apply(inputs, timing_ctx)
+        finally:
+            _request.reset(token)
+        usage.report(self._image_usage(inputs, result, options))
         return result
 
     def _with_prompt_text(self, inputs: ProcessorInputs) -> ProcessorInputs:
-        if not self.info.supports_prompt_importance():
-            raise ImportanceError(
-                f"{IMPORTANCE_KEY} 'text' and 'unified' are not supported for this model yet"
-            )
         prompt = inputs.prompt
         if isinstance(prompt, str):
             prompt = self.info.get_tokenizer().encode(prompt)
-        image_token = self.info.get_hf_config().image_token_index
-        text_ids = tuple(t for t in prompt if t != image_token)
+        placeholders = set(self.placeholder_token_ids())
+        text_ids = tuple(t for t in prompt if t not in placeholders)
         kwargs = {**inputs.hf_processor_mm_kwargs, _TEXT_IDS_KWARG: text_ids}
         return dataclasses.replace(inputs, hf_processor_mm_kwargs=kwargs)
 
-    def get_dummy_mm_inputs(self, *args, **kwargs):
-        token = _profiling.set(True)
-        try:
-            return super().get_dummy_mm_inputs(*args, **kwargs)
-        finally:
-            _profiling.reset(token)
+    def placeholder_token_ids(self) -> Sequence[int]:
+        """Token ids that stand for media in a prompt (left out of the prompt-aware text)."""
+        return (self.info.get_hf_config().image_token_index,)
 
-    def _record(self, inputs: ProcessorInputs, result: Mapping, budget: int | None) -> None:
-        # Counted from the placeholders, which exist for every request: the processed items
-        # themselves may be elided when the engine core already caches them.
-        images = inputs.mm_data_items.get("image")
-        if not isinstance(images, ImageProcessorItems):
-            return
+    def get_dummy_mm_inputs(self, *args, **kwargs):
+        # Profiling inputs are processed through `apply` too: mark them as not traffic.
+        return _profiling_call(super().get_dummy_mm_inputs, *args, **kwargs)
+
+    def _image_usage(
+        self, inputs: ProcessorInputs, result: Mapping, options: VisualOptions
+    ) -> list[usage.ImageUsage]:
+        # From the placeholders, which exist for every request: the processed items themselves
+        # may be elided when the engine core already caches them.
         placeholders = result["mm_placeholders"].get("image", [])
+        images = inputs.mm_data_items.get("image")
+        out = []
         for idx, placeholder in enumerate(placeholders):
-            size = images.get_image_size(idx)
-            full = self.info.full_tokens(size.width, size.height)
-            metrics.record_image(budget_bucket(budget, full), full, placeholder.get_num_embeds())
+            kept = placeholder.get_num_embeds()
+            if isinstance(images, ImageProcessorItems):
+                size = images.get_image_size(idx)
+                full = self.info.full_tokens(
+                    size.width, size.height, _without_our_kwargs(inputs.hf_processor_mm_kwargs)
+                )
+            else:  # precomputed embeddings: served as given
+                full = kept
+            bucket = budget_bucket(options.budget, full) if kept < full else "full"
+            out.append(usage.ImageUsage(full, kept, bucket))
+        return out
+
+
+class UnprunedProcessorMixin:
+    """For a model variant ID-Selection cannot prune (no usable importance in its tower): served
+    as vLLM serves it, its usage reported, and a request's options refused, never ignored."""
+
+    def apply(self, inputs: ProcessorInputs, timing_ctx) -> object:
+        for key in VisualOptions.parse(inputs.hf_processor_mm_kwargs).as_kwargs():
+            raise OptionError(
+                f"{key} cannot be applied: this model's vision tower is served unpruned by "
+                "idselect (it has no importance score ID-Selection can use)",
+                key,
+            )
+        result = super().apply(inputs, timing_ctx)
+        if not _profiling.get():
+            placeholders = result["mm_placeholders"].get("image", [])
+            n = [p.get_num_embeds() for p in placeholders]
+            usage.report([usage.ImageUsage(k, k, "full") for k in n])
+        return result
+
+    def get_dummy_mm_inputs(self, *args, **kwargs):
+        return _profiling_call(super().get_dummy_mm_inputs, *args, **kwargs)
+
+
+_profiling: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "idselect_profiling", default=False
+)
+
+
+def _profiling_call(fn, *args, **kwargs):
+    token = _profiling.set(True)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        _profiling.reset(token)

@@ -14,8 +14,7 @@ from typing import Any, Literal
 import torch
 from vllm.logger import init_logger
 
-from idselect.budget import BUDGET_KEY, validate_budget
-from idselect.importance_source import IMPORTANCE_KEY, ImportanceSource, validate_importance
+from idselect.options import OPTION_KEYS, VisualOptions
 from idselect.selection import resolve_backend
 
 logger = init_logger("vllm.idselect.plugin")  # under "vllm": vLLM's log handlers
@@ -27,20 +26,22 @@ MICRO_BATCH_KEY = "idselect_encoder_micro_batch"
 
 @dataclass(frozen=True)
 class PluginSettings:
-    default_budget: int | None = None
+    # The deployment's defaults for what requests leave unset (`idselect serve` flags).
+    defaults: VisualOptions = VisualOptions()
     gamma: float = 20.0
     suppression: Literal["subtract", "multiply"] = "subtract"
     # Images per vision-tower pass: the scheduler charges only K placeholders per image against
     # the encoder budget, so one encoder batch can hold far more images than profiling assumed.
     encoder_micro_batch: int = 8
-    default_importance: ImportanceSource = "cls"
     # The backend `id_select(backend="auto")` resolves to on the model's device (for the log and
     # to fail at start-up, not at the first request, when IDSELECT_SELECTION_BACKEND is wrong).
     selection_backend: str = "torch"
 
     @classmethod
     def from_hf_config(cls, hf_config: Any) -> PluginSettings:
-        budget = validate_budget(getattr(hf_config, BUDGET_KEY, None))
+        defaults = VisualOptions.parse(
+            {key: getattr(hf_config, key, None) for key in OPTION_KEYS}, prefix="default "
+        )
         gamma = float(getattr(hf_config, GAMMA_KEY, cls.gamma))
         suppression = getattr(hf_config, SUPPRESSION_KEY, cls.suppression)
         micro = getattr(hf_config, MICRO_BATCH_KEY, cls.encoder_micro_batch)
@@ -50,15 +51,14 @@ class PluginSettings:
             raise ValueError(f"{SUPPRESSION_KEY} must be 'subtract' or 'multiply'")
         if isinstance(micro, bool) or not isinstance(micro, int) or micro < 1:
             raise ValueError(f"{MICRO_BATCH_KEY} must be an integer >= 1, got {micro!r}")
-        importance = validate_importance(getattr(hf_config, IMPORTANCE_KEY, None)) or "cls"
-        return cls(budget, gamma, suppression, micro, importance)
+        return cls(defaults, gamma, suppression, micro)
 
     @classmethod
     def for_model(cls, vllm_config: Any) -> PluginSettings:
         """Settings of a model being built, refusing the one place a default must not go."""
         mm_config = vllm_config.model_config.multimodal_config
         configured = (mm_config.mm_processor_kwargs or {}) if mm_config is not None else {}
-        for key in (BUDGET_KEY, IMPORTANCE_KEY):
+        for key in OPTION_KEYS:
             if key in configured:
                 raise ValueError(
                     f"set the default {key} with the `idselect serve` flag (or "
@@ -70,3 +70,11 @@ class PluginSettings:
         backend = resolve_backend("auto", device)
         logger.info("idselect: selection backend %s on %s", backend, device.type)
         return dataclasses.replace(settings, selection_backend=backend)
+
+    def describe(self) -> str:
+        """The settings for the start-up log line."""
+        return (
+            f"default budget: {self.defaults.budget or 'full'}, importance: "
+            f"{self.defaults.importance or 'visual'}, gamma={self.gamma}, "
+            f"suppression={self.suppression}, selection backend: {self.selection_backend}"
+        )

@@ -14,6 +14,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from idselect.options import param_in_message
 from server.errors import openai_error
 from server.middleware.asgi_body import send_rewritten
 
@@ -54,8 +55,13 @@ def normalise(status: int, payload: Any) -> Any:
             _STATUS_CODES.get(status)
         )
     param = error.get("param")
+    message = str(error.get("message") or f"HTTP {status}")
+    if not isinstance(param, str) and status == 400:
+        # An idselect option the model's processor refused (what only it can know, e.g.
+        # `cls` on a tower without [CLS]): vLLM's response kept only the message.
+        param = param_in_message(message)
     return {"error": {
-        "message": str(error.get("message") or f"HTTP {status}"),
+        "message": message,
         "type": openai_type(status),
         "param": param if isinstance(param, str) else None,
         "code": code,

@@ -15,8 +15,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from idselect.budget import BUDGET_KEY
-from idselect.importance_source import IMPORTANCE_KEY, IMPORTANCE_SOURCES
+from idselect.options import BUDGET_KEY, IMPORTANCE_KEY, IMPORTANCE_NAMES
 from server.middleware.asgi_body import send_rewritten
 from server.request.openai_rules import LOGIT_BIAS_LIMIT, MAX_CHOICES
 
@@ -38,7 +37,7 @@ BUDGET_FIELD = {
     "server default; a budget >= the image's token count keeps all).",
 }
 IMPORTANCE_FIELD = {
-    "anyOf": [{"type": "string", "enum": list(IMPORTANCE_SOURCES)}, {"type": "null"}],
+    "anyOf": [{"type": "string", "enum": list(IMPORTANCE_NAMES)}, {"type": "null"}],
     "title": "Visual Token Importance",
     "description": "Importance score ID-Selection ranks visual tokens by (null or absent: the "
     "server default).",

@@ -1,8 +1,10 @@
-"""ASGI middleware around vLLM's completion endpoints: budget in, visual usage and metrics out.
+"""ASGI middleware around vLLM's completion endpoints: options in, visual usage and metrics out.
 
 Runs outside vLLM's app, so vLLM keeps all request handling (chat templates, streaming, tools,
-errors); this layer only rewrites the JSON body on the way in, adds the visual-token fields to
-`usage` on the way out (also in the final streamed chunk), and records request metrics.
+errors); this layer only rewrites the JSON body on the way in, and on the way out adds to `usage`
+(also in the final streamed chunk) the visual tokens the multimodal processor reported for this
+request's images (`idselect.vllm_plugin.usage`, collected in this request's context), counts the
+same images on `/metrics` when the response starts with 200, and records request metrics.
 """
 
 from __future__ import annotations
@@ -14,12 +16,13 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from idselect.budget import budget_bucket
+from idselect.vllm_plugin import usage as visual_usage
 from server.errors import openai_error
 from server.metrics import code_class, request_metrics
 from server.middleware.openai_errors import normalise
 from server.request.model_guard import check_validates
 from server.request.openai_rules import check_chat_request, check_completion_request
-from server.request.options import BUDGET_PATHS, BudgetedRequest, RequestRejected, prepare
+from server.request.options import OPTION_PATHS, ParsedRequest, RequestRejected, prepare
 from server.settings import ServerSettings
 
 
@@ -29,7 +32,7 @@ class VisualBudgetMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "").removeprefix(scope.get("root_path", ""))
-        if scope["type"] != "http" or scope.get("method") != "POST" or path not in BUDGET_PATHS:
+        if scope["type"] != "http" or scope.get("method") != "POST" or path not in OPTION_PATHS:
             await self.app(scope, receive, send)
             return
         settings: ServerSettings = scope["app"].state.args.idselect
@@ -77,12 +80,14 @@ class VisualBudgetMiddleware:
                 await self.app(scope, _replay(body, receive), send_status)
                 return
 
-            label = budget_bucket(request.budget, settings.full_image_tokens)
             new_body = json.dumps(request.body).encode()
             scope = {**scope, "headers": _with_content_length(scope["headers"], len(new_body))}
-            usage = request.visual_usage(settings.full_image_tokens)
-            patcher = _UsagePatcher(send_status, usage, request, label, started)
-            await self.app(scope, _replay(new_body, receive), patcher.send)
+            with visual_usage.collect() as images:
+                patcher = _UsagePatcher(send_status, images, request, started)
+                try:
+                    await self.app(scope, _replay(new_body, receive), patcher.send)
+                finally:
+                    label = patcher.label
         finally:
             m = request_metrics()
             m.requests.labels(label, code_class(status["code"])).inc()
@@ -154,19 +159,26 @@ class _UsagePatcher:
     def __init__(
         self,
         send: Send,
-        usage: dict[str, int] | None,
-        request: BudgetedRequest,
-        label: str,
+        images: visual_usage.VisualUsage,
+        request: ParsedRequest,
         started: float,
     ) -> None:
         self._send = send
-        self._usage = usage
-        self._label = label
+        self._images = images
+        self._budget = request.options.budget
         self._started = started
         self._mode = "pass"  # pass | json | sse
         self._start: Message | None = None
         self._buffer = b""
         self._first_chunk_seen = not request.stream
+
+    @property
+    def label(self) -> str:
+        """The request's bounded budget label: "full" when its images were all served unpruned,
+        else the bucket of its effective budget (what the processor had by then)."""
+        if self._images.images and not self._images.pruned():
+            return "full"
+        return budget_bucket(self._budget)
 
     async def send(self, message: Message) -> None:
         if message["type"] == "http.response.start":
@@ -178,7 +190,10 @@ class _UsagePatcher:
 
     async def _on_start(self, message: Message) -> None:
         content_type = dict(message.get("headers", [])).get(b"content-type", b"")
-        if self._usage is not None and message["status"] == 200:
+        if message["status"] == 200:
+            # The prompt was processed (this layer's 200s all come after processing): count
+            # its images once, with exactly the numbers the response reports.
+            self._images.count()
             if content_type.startswith(b"text/event-stream"):
                 self._mode = "sse"
             elif content_type.startswith(b"application/json"):
@@ -192,7 +207,7 @@ class _UsagePatcher:
         more = message.get("more_body", False)
         if not self._first_chunk_seen and chunk:
             self._first_chunk_seen = True
-            request_metrics().ttft.labels(self._label).observe(time.perf_counter() - self._started)
+            request_metrics().ttft.labels(self.label).observe(time.perf_counter() - self._started)
         if self._mode == "pass":
             await self._send(message)
         elif self._mode == "json":
@@ -238,5 +253,5 @@ class _UsagePatcher:
 
     def _with_usage(self, payload: Any) -> Any:
         if isinstance(payload, dict) and isinstance(payload.get("usage"), dict):
-            payload["usage"].update(self._usage or {})
+            payload["usage"].update(self._images.as_usage())
         return payload

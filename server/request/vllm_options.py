@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from idselect.options import OPTION_KEYS
 from server.request.rejected import RequestRejected
 
 # The engine receives requests as msgpack, whose integers span [-2**63, 2**64 - 1]; a larger
@@ -18,7 +19,7 @@ ENGINE_INT_RANGE = (-(2**63), 2**64 - 1)
 # Deeper bodies are refused before this runs (the server's JSON nesting limit); stop early anyway.
 _MAX_DEPTH = 64
 # Ours: validated and consumed before the engine (the plugin clamps budgets to the image).
-_OWN_KEYS = ("visual_token_budget", "visual_token_importance")
+_OWN_KEYS = OPTION_KEYS
 
 # Beam search scores divide by seq_len ** length_penalty: beyond this the power under- or
 # overflows for any real context length (vLLM: ZeroDivisionError / OverflowError, a 500).
@@ -45,7 +46,7 @@ def _int_out_of_range(value: Any, path: str, depth: int = 0) -> str | None:
     return None
 
 
-def check_vllm_options(body: dict[str, Any], images: int) -> None:
+def check_vllm_options(body: dict[str, Any], has_images: bool) -> None:
     checked = {key: value for key, value in body.items() if key not in _OWN_KEYS}
     where = _int_out_of_range(checked, "")
     if where is not None:
@@ -53,7 +54,7 @@ def check_vllm_options(body: dict[str, Any], images: int) -> None:
             f"{where!r:.60} must be between -2**63 and 2**64 - 1 (the engine's integer range)",
             where[:100] or None,
         )
-    if images and body.get("truncate_prompt_tokens") is not None:
+    if has_images and body.get("truncate_prompt_tokens") is not None:
         # vLLM truncates the token ids before it expands image placeholders; a cut through an
         # image failed with "Failed to apply prompt replacement" (500, connection dropped).
         raise RequestRejected(

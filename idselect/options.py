@@ -1,0 +1,167 @@
+"""The per-request idselect options: one typed value, validated once where a request enters.
+
+A client (or a deployment default) states the options under these keys, at the top level of an
+OpenAI request body or in `mm_processor_kwargs` (offline `vllm.LLM` users). `VisualOptions.parse`
+is the only validator: the HTTP layer calls it for the server's clients (OpenAI-shaped 400s naming
+the field), the multimodal processor for offline users, the plugin settings for deployment
+defaults. Everything after works on the typed value.
+
+- `visual_token_budget`: visual tokens an image may keep, an integer >= 1. `None` (not given,
+  or JSON null) means no budget: the image is served unpruned. There is no other spelling of
+  "no pruning" (0, -1 and the like are refused).
+- `visual_token_importance`: what ranks an image's tokens before ID-Selection picks them.
+  - `visual`: the backbone's own visual saliency ([CLS]->patch attention on CLIP towers, the
+    attention patches receive in a full-attention block on Qwen2.5-VL's ViT); the default.
+  - `cls`: the same, by its older name; only on towers that have a [CLS] token.
+  - `text`: cosine between each visual token, in the language model's embedding space, and the
+    prompt's token embeddings. A pre-LLM stand-in for the paper's cross-modal score: inside the
+    image-embedding step the LLM has not run, so no text-to-image attention exists.
+  - `unified`: the mean of the two, each min-max normalised per image.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from numbers import Integral
+from typing import Literal
+
+BUDGET_KEY = "visual_token_budget"
+IMPORTANCE_KEY = "visual_token_importance"
+OPTION_KEYS = (BUDGET_KEY, IMPORTANCE_KEY)
+
+# The importance sources an image can be ranked by (encoded by index in the item fields).
+IMPORTANCE_SOURCES: tuple[str, ...] = ("visual", "text", "unified")
+ImportanceSource = Literal["visual", "text", "unified"]
+# Accepted request values: the sources plus "cls", the older name of "visual" for [CLS] towers.
+IMPORTANCE_NAMES: tuple[str, ...] = (*IMPORTANCE_SOURCES, "cls")
+
+
+class OptionError(ValueError):
+    """A client-supplied option is invalid; `param` names it as the client sent it.
+
+    The message starts with the parameter's name: errors raised inside vLLM's processing reach
+    the client through vLLM's own error response, which keeps only the message
+    (`param_in_message` recovers the name from it).
+    """
+
+    param = BUDGET_KEY
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        if param is not None:
+            self.param = param
+
+
+class BudgetError(OptionError):
+    param = BUDGET_KEY
+
+
+class ImportanceError(OptionError):
+    param = IMPORTANCE_KEY
+
+
+@dataclass(frozen=True)
+class VisualOptions:
+    """What one request (or a deployment default) asks of the visual tokens.
+
+    `None` fields were not given. `resolved` fills them from the deployment defaults; after
+    that, `budget is None` is the one meaning of "no pruning" and `importance` is set.
+    """
+
+    budget: int | None = None
+    importance: str | None = None
+
+    @classmethod
+    def parse(cls, values: Mapping[str, object], *, prefix: str = "") -> VisualOptions:
+        """Validate the option keys of a mapping (other keys are ignored).
+
+        `prefix` is how the client addressed the mapping (e.g. "mm_processor_kwargs."), so that
+        an error's `param` names exactly the field the client sent.
+        """
+        return cls(
+            budget=_budget(values.get(BUDGET_KEY), prefix + BUDGET_KEY),
+            importance=_importance(values.get(IMPORTANCE_KEY), prefix + IMPORTANCE_KEY),
+        )
+
+    def resolved(self, defaults: VisualOptions) -> VisualOptions:
+        """These options, with what they leave unset taken from `defaults`, then built-ins."""
+        budget = self.budget if self.budget is not None else defaults.budget
+        importance = self.importance or defaults.importance or "visual"
+        return VisualOptions(budget, importance)
+
+    def merged(self, other: VisualOptions, *, where: str = "mm_processor_kwargs") -> VisualOptions:
+        """Options given in two places (top level and `where`): they must not disagree."""
+        fields = {}
+        for f in dataclasses.fields(self):
+            mine, theirs = getattr(self, f.name), getattr(other, f.name)
+            if mine is not None and theirs is not None and mine != theirs:
+                key = BUDGET_KEY if f.name == "budget" else IMPORTANCE_KEY
+                raise OptionError(
+                    f"{key} is given twice with different values ({mine!r} at the top level "
+                    f"and {theirs!r} in {where})",
+                    key,
+                )
+            fields[f.name] = mine if mine is not None else theirs
+        return VisualOptions(**fields)
+
+    @property
+    def source(self) -> ImportanceSource:
+        """The importance source (resolved options): `cls` is `visual` by its older name."""
+        if self.importance is None:
+            raise ValueError("unresolved options have no importance source")
+        return "visual" if self.importance == "cls" else self.importance  # type: ignore[return-value]
+
+    def as_kwargs(self) -> dict[str, object]:
+        """The given options as multimodal processor kwargs (unset ones left out)."""
+        return {
+            key: value
+            for key, value in ((BUDGET_KEY, self.budget), (IMPORTANCE_KEY, self.importance))
+            if value is not None
+        }
+
+
+def param_in_message(message: str) -> str | None:
+    """The option an `OptionError` message is about, or None."""
+    for key in OPTION_KEYS:
+        for param in (key, f"mm_processor_kwargs.{key}"):
+            if message.startswith(param) and message[len(param) : len(param) + 1] in (" ", ""):
+                return param
+    return None
+
+
+def validate_budget(value: object) -> int | None:
+    """A budget as an int, or None for "not given" (see the module docstring)."""
+    return _budget(value, BUDGET_KEY)
+
+
+def _budget(value: object, param: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise BudgetError(
+            f"{param} must be an integer >= 1 or null, got {type(value).__name__} "
+            f"{_short_repr(value)}",
+            param,
+        )
+    if value < 1:
+        raise BudgetError(f"{param} must be an integer >= 1 or null, got {int(value)}", param)
+    return int(value)
+
+
+def _importance(value: object, param: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or value not in IMPORTANCE_NAMES:
+        raise ImportanceError(
+            f"{param} must be one of {', '.join(IMPORTANCE_NAMES)} or null, got "
+            f"{_short_repr(value)}",
+            param,
+        )
+    return value
+
+
+def _short_repr(value: object, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,0 +1,80 @@
+"""The model half of the backbone framework: the embedding step's shared selection machinery.
+
+Put `SelectionModelMixin` before a vLLM model class. An architecture's `embed_multimodal` runs its
+tower (capturing its own importance), then hands each image's selection units to `_pick`: every
+image's score (its visual score, or the prompt-aware one it asked for), ID-Selection over the
+batch, timed on the selection histogram. What it does with the kept units (project, merge,
+position) stays in the architecture.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from functools import partial
+
+import torch
+from vllm.config import VllmConfig
+from vllm.logger import init_logger
+
+from idselect.selection import id_select_batched
+from idselect.vllm_plugin import metrics
+from idselect.vllm_plugin.items import ImagePlans
+from idselect.vllm_plugin.settings import PluginSettings
+
+logger = init_logger("vllm.idselect.plugin")  # under "vllm": vLLM's log handlers
+
+
+class SelectionModelMixin:
+    def _init_selection(self, vllm_config: VllmConfig, what: str) -> None:
+        # Refuses defaults given through --mm-processor-kwargs (they would reach transformers).
+        self.idselect_settings = PluginSettings.for_model(vllm_config)
+        logger.info("idselect: ID-Selection active for %s (%s)", what,
+                    self.idselect_settings.describe())
+
+    def _micro_batches(self, n: int) -> Iterator[slice]:
+        """Images per tower pass: the scheduler charges only the kept placeholders against the
+        encoder budget, so one encoder batch can hold far more images than profiling assumed."""
+        micro = self.idselect_settings.encoder_micro_batch
+        for start in range(0, n, micro):
+            yield slice(start, min(start + micro, n))
+
+    def _pick(
+        self,
+        units: Sequence[torch.Tensor],
+        visual_scores: Sequence[torch.Tensor],
+        plans: ImagePlans,
+        llm_tokens: Callable[[int], torch.Tensor],
+    ) -> list[torch.Tensor | None]:
+        """Kept unit indices (ascending) per image; None for the images served unpruned.
+
+        `units[i]`: image i's selection units (N_i, D), the features similarity is measured on;
+        `visual_scores[i]`: their visual importance (N_i,); `llm_tokens(i)`: the same units in
+        the language model's embedding space, asked for only by prompt-aware images.
+        """
+        pruned = [i for i, k in enumerate(plans.keeps) if k is not None]
+        picks: list[torch.Tensor | None] = [None] * len(plans)
+        if not pruned:
+            return picks
+        embed = self.get_language_model().embed_input_ids
+        with metrics.timed_selection(units[pruned[0]].device, len(pruned)):
+            scores = [
+                plans.score(i, visual_scores[i], partial(llm_tokens, i), embed) for i in pruned
+            ]
+            kept = id_select_batched(
+                [units[i] for i in pruned],
+                scores,
+                [plans.keeps[i] for i in pruned],
+                gamma=self.idselect_settings.gamma,
+                suppression=self.idselect_settings.suppression,
+                backend="auto",
+            )
+        for i, idx in zip(pruned, kept, strict=True):
+            picks[i] = idx.to(units[i].device)
+        return picks
+
+
+def check_counts(embeddings: Sequence[torch.Tensor], expected: Sequence[int]) -> None:
+    """vLLM fails on too few rows per item and silently truncates too many: check here."""
+    got = [e.shape[0] for e in embeddings]
+    if got != list(expected):
+        raise RuntimeError(f"idselect produced {got} embeddings per image, expected {expected}")

@@ -1,0 +1,115 @@
+"""The per-image fields that carry a request's selection plan from the processor to the model.
+
+The processor adds them to every image it processes (cached with the item, part of its hash), and
+the model's embedding step reads them back as `ImagePlans`. Declared `batched("image",
+keep_on_cpu=True)`: one value per image, and every image has them so that items batch together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from vllm.multimodal.inputs import MultiModalFieldConfig
+
+from idselect.importance import text_relevance, unified
+from idselect.options import IMPORTANCE_SOURCES, ImportanceSource
+
+# Tokens the image keeps; 0 encodes "not pruned" (a tensor holds no None).
+KEEP_FIELD = "idselect_num_kept"
+# Importance source (index into IMPORTANCE_SOURCES) and, for the prompt-aware ones, the prompt's
+# text token ids, -1 padded: the embedding step has no prompt of its own.
+IMPORTANCE_FIELD = "idselect_importance"
+TEXT_FIELD = "idselect_text_ids"
+FIELDS = (KEEP_FIELD, IMPORTANCE_FIELD, TEXT_FIELD)
+MAX_TEXT_TOKENS = 256
+
+
+def fields_config() -> dict[str, MultiModalFieldConfig]:
+    return {name: MultiModalFieldConfig.batched("image", keep_on_cpu=True) for name in FIELDS}
+
+
+def encode(
+    keeps: Sequence[int | None], source: ImportanceSource, text_ids: Sequence[int]
+) -> dict[str, torch.Tensor]:
+    """The fields for a request's images: kept count (None = unpruned), source, prompt ids."""
+    n = len(keeps)
+    text = torch.full((n, MAX_TEXT_TOKENS), -1, dtype=torch.long)
+    ids = list(text_ids)[-MAX_TEXT_TOKENS:]
+    if ids:
+        text[:, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+    return {
+        KEEP_FIELD: torch.tensor([k or 0 for k in keeps], dtype=torch.long),
+        IMPORTANCE_FIELD: torch.full((n,), IMPORTANCE_SOURCES.index(source), dtype=torch.long),
+        TEXT_FIELD: text,
+    }
+
+
+def item_keep(item: Mapping[str, object]) -> int | None:
+    """Kept count of one processed item (a `MultiModalKwargsItem`); None = not pruned."""
+    if KEEP_FIELD not in item:
+        return None
+    return int(item[KEEP_FIELD].data) or None
+
+
+@dataclass(frozen=True)
+class ImagePlans:
+    """Per image of an encoder batch: kept count (None = unpruned), source, prompt ids."""
+
+    keeps: list[int | None]
+    sources: list[ImportanceSource]
+    text_ids: torch.Tensor | None  # (images, MAX_TEXT_TOKENS)
+
+    @classmethod
+    def pop(cls, kwargs: dict[str, object]) -> ImagePlans | None:
+        """Take the fields out of `embed_multimodal`'s kwargs; None when there are none
+        (precomputed embeddings, or no image in this batch)."""
+        keep, importance, text = (kwargs.pop(name, None) for name in FIELDS)
+        if keep is None:
+            return None
+        keeps = [int(k) or None for k in torch.as_tensor(keep).flatten().tolist()]
+        codes = torch.as_tensor(importance).flatten().tolist()
+        ids = torch.stack(list(text)) if isinstance(text, list) else text
+        return cls(keeps, [IMPORTANCE_SOURCES[int(c)] for c in codes], ids)
+
+    def __len__(self) -> int:
+        return len(self.keeps)
+
+    def __getitem__(self, part: slice) -> ImagePlans:
+        ids = None if self.text_ids is None else self.text_ids[part]
+        return ImagePlans(self.keeps[part], self.sources[part], ids)
+
+    def any_pruned(self) -> bool:
+        return any(k is not None for k in self.keeps)
+
+    def prompt_aware(self, i: int) -> bool:
+        return self.sources[i] != "visual" and self.keeps[i] is not None
+
+    def prompt_ids(self, i: int) -> torch.Tensor:
+        assert self.text_ids is not None
+        return self.text_ids[i][self.text_ids[i] >= 0]
+
+    def score(
+        self,
+        i: int,
+        visual: torch.Tensor,
+        llm_tokens: Callable[[], torch.Tensor],
+        embed_ids: Callable[[torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
+        """Image i's importance: its visual score, or the prompt-aware one it asked for.
+
+        `llm_tokens()` gives the image's tokens in the language model's embedding space (only
+        called for prompt-aware images: it may project every token); `embed_ids` is the LLM's
+        input embedding. A prompt without text keeps the visual score.
+        """
+        if not self.prompt_aware(i):
+            return visual
+        ids = self.prompt_ids(i)
+        if ids.numel() == 0:
+            return visual
+        tokens = llm_tokens()
+        relevance = text_relevance(tokens, embed_ids(ids.to(tokens.device)))
+        if self.sources[i] == "text":
+            return relevance
+        return unified(visual.float(), relevance)
