@@ -16,17 +16,11 @@ import contextvars
 from concurrent.futures import Executor
 from functools import partial
 
-import vllm
-
-_CHECKED_VERSION = "0.32."
+from idselect.vllm_plugin.vllm_version import require_checked_vllm
 
 
 def propagate_to_processing(renderer: object) -> None:
-    if not vllm.__version__.startswith(_CHECKED_VERSION):
-        raise RuntimeError(
-            f"server/request_context.py was written for vLLM {_CHECKED_VERSION}x, this is "
-            f"{vllm.__version__}: check how its renderer runs multimodal processing"
-        )
+    require_checked_vllm("server/request_context.py")
     process = getattr(renderer, "_process_multimodal", None)
     executor = getattr(renderer, "_mm_executor", None)
     wrapped = getattr(renderer, "_process_multimodal_async", None)

@@ -15,7 +15,8 @@ from benchmarks.accuracy import exact_match, load_items, normalize_answer, score
 from benchmarks.make_shapes_dataset import write_dataset
 from devtools.launch import TINY_MODEL_ARGS, running_server
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "accuracy.py"
+ROOT = Path(__file__).resolve().parents[1]
+COMMAND = [sys.executable, "-m", "benchmarks.accuracy"]  # run from the checkout, as documented
 
 
 @pytest.mark.parametrize(("raw", "normalized"), [
@@ -80,10 +81,10 @@ def test_harness_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path):
     out = tmp_path / "accuracy"
     with running_server(tiny_model_dir, tmp_path / "server.log", *TINY_MODEL_ARGS) as server:
         done = subprocess.run(
-            [sys.executable, str(SCRIPT), "--data", str(data), "--base-url", server.base_url,
+            [*COMMAND, "--data", str(data), "--base-url", server.base_url,
              "--budgets", "full,16", "--max-tokens", "4", "--concurrency", "2",
              "--out", str(out)],
-            capture_output=True, text=True, timeout=300, check=False,
+            cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
         )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "[8/8]" in done.stderr  # progress

@@ -40,6 +40,7 @@ def llm(tiny_model_dir):
         max_model_len=2048,
         seed=0,
         limit_mm_per_prompt={"image": 2},
+        enable_mm_embeds=True,  # for the precomputed-embeddings test
     )
     engine.apply_model(engine_probe.install)
     yield engine
@@ -223,3 +224,19 @@ def test_metrics_count_images_tokens_and_worker_selection_time(llm):
     # Recorded in the worker process: two pruned images, the unpruned one is not a selection.
     assert _metric("idselect_selection_seconds_count") - before["selections"] == 2
     assert _metric("idselect_selection_seconds_sum") > 0
+
+
+def test_precomputed_image_embeds_are_served_as_given_and_counted_so(llm, hf):
+    """An image given as embeddings is not pruned: counted with original = kept = its rows,
+    and an explicit budget for it is refused rather than ignored."""
+    embeds = hf.image_embeds(make_image(23), None)  # (576, hidden): what the LLM would see
+    request = {"prompt": PROMPT, "multi_modal_data": {"image": embeds[None]}}  # one image
+    before = _metric("idselect_visual_tokens_kept_total", {"budget": "full"})
+    images = _metric("idselect_images_total", {"budget": "full"})
+    (out,) = llm.generate(request, _greedy())
+    assert out.prompt_token_ids.count(hf.image_token_id) == FULL
+    assert list(out.outputs[0].token_ids) == hf.greedy(out.prompt_token_ids, [embeds], STEPS)
+    assert _metric("idselect_images_total", {"budget": "full"}) - images == 1
+    assert _metric("idselect_visual_tokens_kept_total", {"budget": "full"}) - before == FULL
+    with pytest.raises(BudgetError, match="precomputed image embeddings"):
+        llm.generate({**request, "mm_processor_kwargs": {"visual_token_budget": 16}}, _greedy())

@@ -335,3 +335,25 @@ def test_visual_importance_is_the_vits_own_score_and_cls_is_refused(llm, hf):
             llm.generate(_request(PROMPT, [image], 16, bad), _greedy(1))
     (out,) = llm.generate(_request(PROMPT, [image], 16), _greedy(1))
     assert out.prompt_token_ids.count(hf.image_token_id) == 16
+
+
+def test_a_cls_deployment_default_is_refused_at_start_up(model_dir):
+    """`--visual-token-importance cls` on a ViT without [CLS] stops the model from being built,
+    instead of failing (or silently re-reading) every request."""
+    from types import SimpleNamespace
+
+    from vllm.config import ModelConfig, VllmConfig
+
+    from idselect.vllm_plugin.embedding import SelectionModelMixin
+
+    def init(importance: str):
+        config = ModelConfig(model=str(model_dir),
+                             hf_overrides={"visual_token_importance": importance})
+        model = SimpleNamespace()
+        SelectionModelMixin._init_selection(model, VllmConfig(model_config=config), "Qwen2.5-VL",
+                                            has_cls_token=False)
+        return model.idselect_settings
+
+    assert init("visual").defaults.importance == "visual"
+    with pytest.raises(ValueError, match=r"'cls' needs a vision tower with a \[CLS\]"):
+        init("cls")

@@ -215,7 +215,7 @@ def test_served_openapi_document_says_what_the_server_accepts(server):
         properties = components[name]["properties"]
         assert properties["visual_token_budget"]["anyOf"][0] == {"type": "integer", "minimum": 1}
         assert properties["visual_token_importance"]["anyOf"][0]["enum"] == [
-            "cls", "text", "unified"]
+            "visual", "text", "unified", "cls"]
         assert properties["n"]["anyOf"][0]["maximum"] == 128
     messages = components["ChatCompletionRequest"]["properties"]["messages"]["items"]["anyOf"]
     names = {ref["$ref"].rsplit("/", 1)[-1] for ref in messages}

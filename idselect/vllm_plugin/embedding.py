@@ -15,21 +15,40 @@ from functools import partial
 import torch
 from vllm.config import VllmConfig
 from vllm.logger import init_logger
+from vllm.multimodal.inputs import MultiModalKwargsItem
 
 from idselect.selection import id_select_batched
 from idselect.vllm_plugin import metrics
-from idselect.vllm_plugin.items import ImagePlans
+from idselect.vllm_plugin.items import ImagePlans, item_keep
 from idselect.vllm_plugin.settings import PluginSettings
 
 logger = init_logger("vllm.idselect.plugin")  # under "vllm": vLLM's log handlers
 
 
 class SelectionModelMixin:
-    def _init_selection(self, vllm_config: VllmConfig, what: str) -> None:
+    def _init_selection(
+        self, vllm_config: VllmConfig, what: str, *, has_cls_token: bool = True
+    ) -> None:
         # Refuses defaults given through --mm-processor-kwargs (they would reach transformers).
         self.idselect_settings = PluginSettings.for_model(vllm_config)
+        if self.idselect_settings.defaults.importance == "cls" and not has_cls_token:
+            raise ValueError(
+                f"the default visual_token_importance 'cls' needs a vision tower with a [CLS] "
+                f"token, and {what}'s has none: use 'visual' (its own visual saliency score)"
+            )
         logger.info("idselect: ID-Selection active for %s (%s)", what,
                     self.idselect_settings.describe())
+
+    def _image_input_with_plans(
+        self, kwargs: dict[str, object]
+    ) -> tuple[object, ImagePlans | None]:
+        """vLLM's parsed image input, and the plans when it holds pixels to prune (None: serve
+        the images as vLLM does). For models with one image input (LLaVA family)."""
+        plans = ImagePlans.pop(kwargs)
+        image_input = self._parse_and_validate_image_input(**kwargs)
+        if image_input is None or image_input["type"] != "pixel_values":
+            return image_input, None
+        return image_input, plans if plans is not None and plans.any_pruned() else None
 
     def _micro_batches(self, n: int) -> Iterator[slice]:
         """Images per tower pass: the scheduler charges only the kept placeholders against the
@@ -71,6 +90,27 @@ class SelectionModelMixin:
         for i, idx in zip(pruned, kept, strict=True):
             picks[i] = idx.to(units[i].device)
         return picks
+
+
+    def get_mm_lora_token_counts(
+        self,
+        *,
+        modality: str,
+        mm_kwargs: MultiModalKwargsItem | None,
+        num_mm_embeds: int,
+    ) -> tuple[int, int | None]:
+        if modality == "image" and mm_kwargs is not None and item_keep(mm_kwargs) is not None:
+            return self._pruned_lora_token_counts(mm_kwargs, num_mm_embeds)
+        return super().get_mm_lora_token_counts(
+            modality=modality, mm_kwargs=mm_kwargs, num_mm_embeds=num_mm_embeds
+        )
+
+    def _pruned_lora_token_counts(
+        self, mm_kwargs: MultiModalKwargsItem, num_mm_embeds: int
+    ) -> tuple[int, int | None]:
+        """(tokens the tower saw, tokens the connector saw) for a pruned image, for LoRA on the
+        tower and connector: the tower still sees every patch."""
+        raise NotImplementedError
 
 
 def check_counts(embeddings: Sequence[torch.Tensor], expected: Sequence[int]) -> None:

@@ -21,20 +21,16 @@ from __future__ import annotations
 
 import sys
 
-import vllm
 from vllm.config import VllmConfig
 
-_CHECKED_VERSION = "0.32."
+from idselect.vllm_plugin.vllm_version import require_checked_vllm
+
 _RUNNER_FLAG = "is_multimodal_pruning_enabled"
 
 
 def enable_position_recompute(vllm_config: VllmConfig) -> str:
     """Switch the path on for this worker; return what took it ("config" or the runner class)."""
-    if not vllm.__version__.startswith(_CHECKED_VERSION):
-        raise RuntimeError(
-            f"idselect's M-RoPE position switch was written for vLLM {_CHECKED_VERSION}x, this is "
-            f"{vllm.__version__}: check idselect/vllm_plugin/evs_switch.py against it"
-        )
+    require_checked_vllm("idselect/vllm_plugin/evs_switch.py")
     mm_config = vllm_config.model_config.multimodal_config
     if mm_config is None or not callable(getattr(mm_config, _RUNNER_FLAG, None)):
         raise RuntimeError(

@@ -34,13 +34,14 @@ from vllm.multimodal.processing import (
 
 from idselect.vllm_plugin.capture import encode_with_cls_scores
 from idselect.vllm_plugin.embedding import SelectionModelMixin, check_counts
-from idselect.vllm_plugin.items import ImagePlans, item_keep
+from idselect.vllm_plugin.items import ImagePlans
 from idselect.vllm_plugin.processing import (
     ItemTokens,
     SelectionInfoMixin,
     SelectionProcessorMixin,
     UnprunedProcessorMixin,
 )
+from idselect.vllm_plugin.settings import PluginSettings
 
 
 def supports_pruning(hf_config) -> bool:
@@ -98,17 +99,22 @@ class IDSelectLlavaForConditionalGeneration(SelectionModelMixin, LlavaForConditi
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self._prunes = supports_pruning(self.config)
+        defaults = PluginSettings.from_hf_config(self.config).defaults.as_kwargs()
+        if not self._prunes and defaults:
+            raise ValueError(
+                f"default {', '.join(defaults)} set, but this checkpoint's vision tower cannot be "
+                "pruned by idselect (it needs a CLIP tower with the 'default' feature strategy)"
+            )
         if self._prunes:
             self._init_selection(vllm_config, "LLaVA-1.5")
             # With vision_feature_layer=-2 vLLM builds the tower up to the feature layer.
             self._feature_attn = self.vision_tower.vision_model.encoder.layers[-1].self_attn
 
     def embed_multimodal(self, **kwargs: object):
-        plans = ImagePlans.pop(kwargs)
-        image_input = self._parse_and_validate_image_input(**kwargs)
+        image_input, plans = self._image_input_with_plans(kwargs)
         if image_input is None:
             return []
-        if plans is None or image_input["type"] != "pixel_values" or not self._prunes:
+        if plans is None or not self._prunes:
             return self._process_image_input(image_input)
         pixel_values = image_input["pixel_values"]
         if len(plans) != len(pixel_values):
@@ -137,14 +143,7 @@ class IDSelectLlavaForConditionalGeneration(SelectionModelMixin, LlavaForConditi
             f if p is None else f.index_select(0, p) for f, p in zip(features, picks, strict=True)
         ]
 
-    def get_mm_lora_token_counts(
-        self,
-        *,
-        modality: str,
-        mm_kwargs: MultiModalKwargsItem | None,
-        num_mm_embeds: int,
+    def _pruned_lora_token_counts(
+        self, mm_kwargs: MultiModalKwargsItem, num_mm_embeds: int
     ) -> tuple[int, int | None]:
-        # The tower still sees every patch; only the connector and the LLM see K.
-        if mm_kwargs is not None and item_keep(mm_kwargs) is not None:
-            return self._num_patches(), num_mm_embeds
-        return num_mm_embeds, num_mm_embeds
+        return self._num_patches(), num_mm_embeds

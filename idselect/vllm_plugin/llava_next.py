@@ -28,11 +28,11 @@ from vllm.model_executor.models.llava_next import (
     LlavaNextProcessingInfo,
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.multimodal.inputs import MultiModalKwargsItem
 
 from idselect.importance import normalize_scores
 from idselect.vllm_plugin.capture import encode_with_cls_scores
 from idselect.vllm_plugin.embedding import SelectionModelMixin, check_counts
-from idselect.vllm_plugin.items import ImagePlans
 from idselect.vllm_plugin.llava import supports_pruning
 from idselect.vllm_plugin.processing import (
     ItemTokens,
@@ -93,11 +93,10 @@ class IDSelectLlavaNextForConditionalGeneration(
         self._feature_attn = self.vision_tower.vision_model.encoder.layers[-1].self_attn
 
     def embed_multimodal(self, **kwargs: object):
-        plans = ImagePlans.pop(kwargs)
-        image_input = self._parse_and_validate_image_input(**kwargs)
+        image_input, plans = self._image_input_with_plans(kwargs)
         if image_input is None:
             return []
-        if plans is None or image_input["type"] != "pixel_values" or not plans.any_pruned():
+        if plans is None:
             return self._process_image_input(image_input)
         pixel_values, image_sizes = image_input["pixel_values"], image_input["image_sizes"]
         if len(plans) != len(pixel_values):
@@ -156,3 +155,9 @@ class IDSelectLlavaNextForConditionalGeneration(
         grid = tiles.permute(4, 0, 2, 1, 3).contiguous().flatten(1, 2).flatten(2, 3)
         grid = unpad_image(grid, (height, width))
         return torch.cat([base, grid.flatten(1, 2).transpose(0, 1)])
+
+    def _pruned_lora_token_counts(
+        self, mm_kwargs: MultiModalKwargsItem, num_mm_embeds: int
+    ) -> tuple[int, int | None]:
+        patches = (self.config.vision_config.image_size // self.config.vision_config.patch_size)
+        return len(mm_kwargs["pixel_values"].data) * patches**2, num_mm_embeds

@@ -40,7 +40,7 @@ from idselect.importance import attention_received, feature_norm, merge_units
 from idselect.vllm_plugin.capture import capture_qk, single_call
 from idselect.vllm_plugin.embedding import SelectionModelMixin, check_counts
 from idselect.vllm_plugin.evs_switch import enable_position_recompute
-from idselect.vllm_plugin.items import ImagePlans, item_keep
+from idselect.vllm_plugin.items import ImagePlans
 from idselect.vllm_plugin.mrope import PrunedMRoPEMixin
 from idselect.vllm_plugin.processing import (
     ItemTokens,
@@ -113,7 +113,9 @@ class IDSelectQwen2_5_VLForConditionalGeneration(
         score = (f"attention received in vision block {self._score_block}"
                  if self.visual_score == "attention" else "feature norm")
         self._init_selection(
-            vllm_config, f"Qwen2.5-VL; visual score: {score}; M-RoPE recompute via {runner}"
+            vllm_config,
+            f"Qwen2.5-VL; visual score: {score}; M-RoPE recompute via {runner}",
+            has_cls_token=False,
         )
 
     def embed_multimodal(self, **kwargs: object):
@@ -223,19 +225,9 @@ class IDSelectQwen2_5_VLForConditionalGeneration(
         raster = merged[metadata["reverse_indices"].to(merged.device)]
         return list(torch.split(raster, fulls))
 
-    def get_mm_lora_token_counts(
-        self,
-        *,
-        modality: str,
-        mm_kwargs: MultiModalKwargsItem | None,
-        num_mm_embeds: int,
+    def _pruned_lora_token_counts(
+        self, mm_kwargs: MultiModalKwargsItem, num_mm_embeds: int
     ) -> tuple[int, int | None]:
         # Tower and merger see every token of a pruned image; only the LLM sees K.
-        if modality == "image" and mm_kwargs is not None and item_keep(mm_kwargs) is not None:
-            full = int(mm_kwargs["image_grid_thw"].data.prod()) // self._merge_unit
-            return full * self._merge_unit, full
-        return super().get_mm_lora_token_counts(
-            modality=modality, mm_kwargs=mm_kwargs, num_mm_embeds=num_mm_embeds
-        )
-
-
+        full = int(mm_kwargs["image_grid_thw"].data.prod()) // self._merge_unit
+        return full * self._merge_unit, full
