@@ -32,8 +32,10 @@ class Vision:
 
 
 class HFQwen2_5_VL:
+    model_class = Qwen2_5_VLForConditionalGeneration
+
     def __init__(self, model_dir: Path) -> None:
-        self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        self.model = self.model_class.from_pretrained(
             model_dir, dtype=torch.float32, attn_implementation="eager"
         ).eval()
         self.processor = AutoProcessor.from_pretrained(model_dir)
@@ -94,15 +96,20 @@ class HFQwen2_5_VL:
         LLM's embedding space) to the prompt's input embeddings (`text_ids`: the prompt without
         its vision tokens)."""
         v = self.vision(image)
-        if budget is None or budget >= v.features.shape[0]:
-            return torch.arange(v.features.shape[0])
+        units = self.units(v)
+        if budget is None or budget >= units.shape[0]:
+            return torch.arange(units.shape[0])
         scores = v.scores
         if importance in ("text", "unified"):
             with torch.inference_mode():
                 text = self.model.get_input_embeddings()(torch.tensor(text_ids))
-                relevance = text_relevance(v.features, text)
+                relevance = text_relevance(units, text)
             scores = relevance if importance == "text" else unified(scores, relevance)
-        return id_select(v.features, scores, budget)
+        return id_select(units, scores, budget)
+
+    def units(self, v: Vision) -> torch.Tensor:
+        """The features similarity and text relevance are measured on."""
+        return v.features
 
     def text_ids(self, ids: list[int]) -> list[int]:
         """A prompt's ids without its vision tokens (what prompt-aware importance reads)."""

@@ -1,4 +1,4 @@
-"""`idselect serve` on the other supported architectures: LLaVA-NeXT and Qwen2.5-VL.
+"""`idselect serve` on the other supported architectures: LLaVA-NeXT, Qwen2.5-VL and Qwen3-VL.
 
 One real server per model, driven with the official `openai` client. Exact visual usage: every
 response's `usage.visual_tokens_original` / `visual_tokens_kept` (also in the final streamed
@@ -6,7 +6,7 @@ chunk) is what the engine's processing decided for that request's images, checke
 from the model's own Hugging Face processor on the same images (independent of vLLM), for two
 image sizes, two images of different sizes in one request, budgets below, between and above the
 images' counts; the `/metrics` counters rise by exactly the responses' sums. Prompt-aware
-importance (`text`, `unified`) is accepted on both; bad budgets and sources are 400s.
+importance (`text`, `unified`) is accepted on each; bad budgets and sources are 400s.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from transformers import AutoProcessor
 
 from devtools.tiny_llava_next import write_tiny_llava_next
 from devtools.tiny_qwen2_5_vl import write_tiny_qwen2_5_vl
+from devtools.tiny_qwen3_vl import write_tiny_qwen3_vl
 from tests.conftest import make_image
 from tests.server_harness import image_message, metric_value, tiny_server
 
@@ -27,9 +28,10 @@ pytestmark = pytest.mark.engine
 MODELS = {
     "llava-next": (write_tiny_llava_next, "<image>", ["--max-model-len", "8192"]),
     "qwen2.5-vl": (write_tiny_qwen2_5_vl, "<|image_pad|>", ["--enforce-eager"]),
+    "qwen3-vl": (write_tiny_qwen3_vl, "<|image_pad|>", ["--enforce-eager"]),
 }
-# Sizes with different token counts on both models: LLaVA-NeXT 1x1 tile + base vs 1x2 tiles;
-# Qwen2.5-VL 8 x 8 vs 16 x 11 post-merger tokens.
+# Sizes with different token counts on every model: LLaVA-NeXT 1x1 tile + base vs 1x2 tiles;
+# Qwen2.5-VL 8 x 8 vs 16 x 11 post-merger tokens; Qwen3-VL 7 x 7 vs 14 x 10.
 SMALL, LARGE = (224, 224), (448, 308)
 QUESTION = "What is in the image?"
 
@@ -84,7 +86,7 @@ def _usage(usage) -> tuple[int, int]:
 
 
 def _kept(budget, full: int) -> int:
-    # Both models here keep min(K, full): LLaVA-NeXT drops its newline tokens only when
+    # Every model here keeps min(K, full): LLaVA-NeXT drops its newline tokens only when
     # pruning, and these budgets are far below any image's non-newline count or above its full.
     return full if budget is None or budget >= full else budget
 
@@ -159,7 +161,7 @@ def test_importance_sources_are_served(served, importance):
 
 def test_cls_is_a_visual_alias_only_where_the_tower_has_one(served):
     image = make_image(99, SMALL)
-    if served.name == "llava-next":
+    if served.name.startswith("llava"):
         assert served.chat([image], 16, "cls").usage.visual_tokens_kept == 16
         return
     with pytest.raises(openai.BadRequestError) as info:

@@ -146,9 +146,13 @@ class PrunedMRoPEMixin:
         delta = int(positions.max()) + 1 - n if n else 0
         return stripped, positions, delta
 
+    def _media_channels(self) -> int:
+        """Channels of a media embedding once its position channels are stripped."""
+        return self.config.text_config.hidden_size
+
     def embed_input_ids(self, input_ids, multimodal_embeddings=None, *, is_multimodal=None):
         if multimodal_embeddings is not None:
-            hidden = self.config.text_config.hidden_size
+            hidden = self._media_channels()
             for emb in multimodal_embeddings:
                 if emb.shape[-1] != hidden:
                     raise RuntimeError(

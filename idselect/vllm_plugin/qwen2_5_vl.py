@@ -53,7 +53,9 @@ VISUAL_SCORE_KEY = "idselect_qwen_importance"
 VISUAL_SCORES: tuple[str, ...] = ("attention", "norm")
 
 
-class IDSelectQwen2_5_VLProcessingInfo(SelectionInfoMixin, Qwen2_5_VLProcessingInfo):
+class QwenVLInfoMixin(SelectionInfoMixin):
+    """The Qwen-VL family's counts: one selection unit per post-merger token of the grid."""
+
     has_cls_token = False
 
     def item_tokens(self, processed: BatchFeature) -> list[ItemTokens]:
@@ -70,11 +72,7 @@ class IDSelectQwen2_5_VLProcessingInfo(SelectionInfoMixin, Qwen2_5_VLProcessingI
         )
 
 
-class IDSelectQwen2_5_VLMultiModalProcessor(
-    SelectionProcessorMixin, Qwen2_5_VLMultiModalProcessor
-):
-    info: IDSelectQwen2_5_VLProcessingInfo
-
+class QwenVLProcessorMixin(SelectionProcessorMixin):
     def placeholder_token_ids(self) -> Sequence[int]:
         config = self.info.get_hf_config()
         return (
@@ -85,38 +83,134 @@ class IDSelectQwen2_5_VLMultiModalProcessor(
         )
 
 
+class IDSelectQwen2_5_VLProcessingInfo(QwenVLInfoMixin, Qwen2_5_VLProcessingInfo):
+    pass
+
+
+class IDSelectQwen2_5_VLMultiModalProcessor(QwenVLProcessorMixin, Qwen2_5_VLMultiModalProcessor):
+    info: IDSelectQwen2_5_VLProcessingInfo
+
+
+class QwenVLSelectionMixin(SelectionModelMixin, PrunedMRoPEMixin):
+    """The Qwen-VL family's embedding step for images: tower with the score block's q/k
+    captured, ID-Selection over post-merger tokens, kept rows with their positions."""
+
+    def _init_qwen_selection(self, vllm_config: VllmConfig, family: str, score_block: int) -> None:
+        if self.use_data_parallel:
+            raise NotImplementedError(
+                f"idselect does not support mm_encoder_tp_mode='data' for {family} yet"
+            )
+        self.visual_score = getattr(self.config, VISUAL_SCORE_KEY, "attention")
+        if self.visual_score not in VISUAL_SCORES:
+            raise ValueError(f"{VISUAL_SCORE_KEY} must be one of {VISUAL_SCORES}")
+        self._score_block = score_block
+        self._merge_unit = self.config.vision_config.spatial_merge_size**2
+        # Every media embedding now carries position channels (images always, videos too).
+        self.is_multimodal_pruning_enabled = True
+        runner = enable_position_recompute(vllm_config)
+        score = (f"attention received in vision block {score_block}"
+                 if self.visual_score == "attention" else "feature norm")
+        self._init_selection(
+            vllm_config,
+            f"{family}; visual score: {score}; M-RoPE recompute via {runner}",
+            has_cls_token=False,
+        )
+
+    def _selection_units(self, embeds: torch.Tensor) -> torch.Tensor:
+        """The part of the tower's output similarity is measured on (all of it by default)."""
+        return embeds
+
+    def _to_raster(self, scores: torch.Tensor, metadata: Mapping[str, torch.Tensor]):
+        """Per-token scores from the score block's token order to the output's."""
+        return scores
+
+    def _embed_images(
+        self, pixel_values: torch.Tensor, grids: list[list[int]], plans: ImagePlans
+    ) -> list[torch.Tensor]:
+        if len(plans) != len(grids):
+            raise RuntimeError(f"{len(plans)} selection plans for {len(grids)} images")
+        pixel_chunks = torch.split(pixel_values, [int(np.prod(g)) for g in grids])
+        out: list[torch.Tensor] = []
+        for part in self._micro_batches(len(grids)):
+            pixels = torch.cat(pixel_chunks[part])
+            out.extend(self._select_images(pixels, grids[part], plans[part]))
+        kept = [i for i, k in enumerate(plans.keeps) if k is not None]
+        check_counts([out[i] for i in kept], [plans.keeps[i] for i in kept])
+        return out
+
+    def _select_images(
+        self, pixel_values: torch.Tensor, grids: list[list[int]], plans: ImagePlans
+    ) -> list[torch.Tensor]:
+        """Run the tower on a micro-batch of images; keep ID-Selection's picks of each."""
+        if any(g[0] != 1 for g in grids):
+            raise RuntimeError(f"images must have one temporal patch, got grids {grids}")
+        metadata = self.visual.prepare_encoder_metadata(grids)
+        attn = self.visual.blocks[self._score_block].attn
+        capture = plans.any_pruned() and self.visual_score == "attention"
+        with capture_qk(attn.attn) if capture else nullcontext() as captured:
+            embeds = self.visual(pixel_values, grid_thw=grids, encoder_metadata=metadata)
+        fulls = [int(np.prod(g)) // self._merge_unit for g in grids]
+        embeds = list(torch.split(embeds, fulls))
+        if not plans.any_pruned():
+            return [self._with_positions(e, g) for e, g in zip(embeds, grids, strict=True)]
+        features = [self._selection_units(e) for e in embeds]
+        if capture:
+            scores = self._attention_scores(captured, attn, metadata, fulls)
+        else:
+            scores = [feature_norm(f) for f in features]
+        picks = self._pick(features, scores, plans, lambda i: features[i])
+        return [
+            self._with_positions(e if r is None else e.index_select(0, r), g, rows=r)
+            for e, g, r in zip(embeds, grids, picks, strict=True)
+        ]
+
+    def _attention_scores(
+        self,
+        captured: list[tuple[torch.Tensor, torch.Tensor]],
+        attn: torch.nn.Module,
+        metadata: Mapping[str, torch.Tensor],
+        fulls: list[int],
+    ) -> list[torch.Tensor]:
+        """Per image, raster-ordered (full,) attention received by each post-merger token."""
+        query, key = single_call(captured, f"vision block {self._score_block}")
+        query, key = query[0], key[0]  # (S, heads, head_dim), window order
+        unit = self._merge_unit
+        window_scores = []
+        start = 0
+        for full in fulls:
+            end = start + full * unit
+            patch = attention_received(query[start:end], key[start:end], attn.attn.scale)
+            window_scores.append(merge_units(patch, unit))
+            start = end
+        merged = torch.cat(window_scores)
+        # Heads are sharded under tensor parallelism: add the other ranks' partial sums.
+        if attn.tp_size > 1:
+            merged = tensor_model_parallel_all_reduce(merged)
+        return list(torch.split(self._to_raster(merged, metadata), fulls))
+
+    def _pruned_lora_token_counts(
+        self, mm_kwargs: MultiModalKwargsItem, num_mm_embeds: int
+    ) -> tuple[int, int | None]:
+        # Tower and merger see every token of a pruned image; only the LLM sees K.
+        full = int(mm_kwargs["image_grid_thw"].data.prod()) // self._merge_unit
+        return full * self._merge_unit, full
+
+
 @MULTIMODAL_REGISTRY.register_processor(
     IDSelectQwen2_5_VLMultiModalProcessor,
     info=IDSelectQwen2_5_VLProcessingInfo,
     dummy_inputs=Qwen2_5_VLDummyInputsBuilder,
 )
 class IDSelectQwen2_5_VLForConditionalGeneration(
-    SelectionModelMixin, PrunedMRoPEMixin, Qwen2_5_VLForConditionalGeneration
+    QwenVLSelectionMixin, Qwen2_5_VLForConditionalGeneration
 ):
     """Qwen2.5-VL whose image embeddings are K post-merger tokens chosen by ID-Selection."""
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        if self.use_data_parallel:
-            raise NotImplementedError(
-                "idselect does not support mm_encoder_tp_mode='data' for Qwen2.5-VL yet"
-            )
-        self.visual_score = getattr(self.config, VISUAL_SCORE_KEY, "attention")
-        if self.visual_score not in VISUAL_SCORES:
-            raise ValueError(f"{VISUAL_SCORE_KEY} must be one of {VISUAL_SCORES}")
-        vision = self.config.vision_config
-        self._score_block = max(vision.fullatt_block_indexes)
-        self._merge_unit = vision.spatial_merge_size**2
-        # Every media embedding now carries position channels (images always, videos too).
-        self.is_multimodal_pruning_enabled = True
-        runner = enable_position_recompute(vllm_config)
-        score = (f"attention received in vision block {self._score_block}"
-                 if self.visual_score == "attention" else "feature norm")
-        self._init_selection(
-            vllm_config,
-            f"Qwen2.5-VL; visual score: {score}; M-RoPE recompute via {runner}",
-            has_cls_token=False,
-        )
+        # The last of the blocks that attend over the whole image (the others use windows).
+        score_block = max(self.config.vision_config.fullatt_block_indexes)
+        self._init_qwen_selection(vllm_config, "Qwen2.5-VL", score_block)
 
     def embed_multimodal(self, **kwargs: object):
         plans = ImagePlans.pop(kwargs)
@@ -161,73 +255,6 @@ class IDSelectQwen2_5_VLForConditionalGeneration(
         # As vLLM's `iter_mm_grid_thw` (the unpruned layout) and Hugging Face use them.
         return [float(s) * tokens_per_second for s in seconds.flatten().tolist()]
 
-    def _embed_images(
-        self, pixel_values: torch.Tensor, grids: list[list[int]], plans: ImagePlans
-    ) -> list[torch.Tensor]:
-        if len(plans) != len(grids):
-            raise RuntimeError(f"{len(plans)} selection plans for {len(grids)} images")
-        pixel_chunks = torch.split(pixel_values, [int(np.prod(g)) for g in grids])
-        out: list[torch.Tensor] = []
-        for part in self._micro_batches(len(grids)):
-            pixels = torch.cat(pixel_chunks[part])
-            out.extend(self._select_images(pixels, grids[part], plans[part]))
-        kept = [i for i, k in enumerate(plans.keeps) if k is not None]
-        check_counts([out[i] for i in kept], [plans.keeps[i] for i in kept])
-        return out
-
-    def _select_images(
-        self, pixel_values: torch.Tensor, grids: list[list[int]], plans: ImagePlans
-    ) -> list[torch.Tensor]:
-        """Run the tower on a micro-batch of images; keep ID-Selection's picks of each."""
-        if any(g[0] != 1 for g in grids):
-            raise RuntimeError(f"images must have one temporal patch, got grids {grids}")
-        metadata = self.visual.prepare_encoder_metadata(grids)
-        attn = self.visual.blocks[self._score_block].attn
-        capture = plans.any_pruned() and self.visual_score == "attention"
-        with capture_qk(attn.attn) if capture else nullcontext() as captured:
-            embeds = self.visual(pixel_values, grid_thw=grids, encoder_metadata=metadata)
-        fulls = [int(np.prod(g)) // self._merge_unit for g in grids]
-        features = list(torch.split(embeds, fulls))
-        if not plans.any_pruned():
-            return [self._with_positions(f, g) for f, g in zip(features, grids, strict=True)]
-        if capture:
-            scores = self._attention_scores(captured, attn, metadata, fulls)
-        else:
-            scores = [feature_norm(f) for f in features]
-        picks = self._pick(features, scores, plans, lambda i: features[i])
-        return [
-            self._with_positions(f if r is None else f.index_select(0, r), g, rows=r)
-            for f, g, r in zip(features, grids, picks, strict=True)
-        ]
-
-    def _attention_scores(
-        self,
-        captured: list[tuple[torch.Tensor, torch.Tensor]],
-        attn: torch.nn.Module,
-        metadata: Mapping[str, torch.Tensor],
-        fulls: list[int],
-    ) -> list[torch.Tensor]:
-        """Per image, raster-ordered (full,) attention received by each post-merger token."""
-        query, key = single_call(captured, f"vision block {self._score_block}")
-        query, key = query[0], key[0]  # (S, heads, head_dim), window order
-        unit = self._merge_unit
-        window_scores = []
-        start = 0
-        for full in fulls:
-            end = start + full * unit
-            patch = attention_received(query[start:end], key[start:end], attn.attn.scale)
-            window_scores.append(merge_units(patch, unit))
-            start = end
-        merged = torch.cat(window_scores)
-        # Heads are sharded under tensor parallelism: add the other ranks' partial sums.
-        if attn.tp_size > 1:
-            merged = tensor_model_parallel_all_reduce(merged)
-        raster = merged[metadata["reverse_indices"].to(merged.device)]
-        return list(torch.split(raster, fulls))
-
-    def _pruned_lora_token_counts(
-        self, mm_kwargs: MultiModalKwargsItem, num_mm_embeds: int
-    ) -> tuple[int, int | None]:
-        # Tower and merger see every token of a pruned image; only the LLM sees K.
-        full = int(mm_kwargs["image_grid_thw"].data.prod()) // self._merge_unit
-        return full * self._merge_unit, full
+    def _to_raster(self, scores: torch.Tensor, metadata: Mapping[str, torch.Tensor]):
+        # The score block sees tokens in attention-window order.
+        return scores[metadata["reverse_indices"].to(scores.device)]
