@@ -53,3 +53,21 @@ def test_selection_benchmark_quick_runs():
     assert [(r[0], r[2]) for r in batched] == [("1", "16"), ("1", "64"), ("2", "16"), ("2", "64")]
     assert all(r[6] == "yes" for r in batched)
     assert "corpus on cpu: 20/20 cases pick identically" in out
+
+
+def test_qwen3_vl_importance_measurement_runs(tmp_path):
+    """The measurement behind docs/qwen3_vl.md, on two images: every candidate row, and the
+    default compared with itself agrees fully (the table is not made up)."""
+    from devtools.tiny_qwen3_vl import write_tiny_qwen3_vl
+
+    model = write_tiny_qwen3_vl(tmp_path / "tiny-qwen3-vl")
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.qwen3_vl_importance", "--model", str(model),
+         "--images", "2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in done.stdout.splitlines()
+            if line.startswith("| ") and "---" not in line and "source" not in line}
+    assert [v.strip() for v in rows["attention, block 3"][:4]] == ["1.00"] * 4
+    assert {"post-merger L2 norm", "DeepStack level 0 L2 norm", "attention, block 0"} <= set(rows)

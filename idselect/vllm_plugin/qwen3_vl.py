@@ -41,31 +41,32 @@ from idselect.vllm_plugin.qwen2_5_vl import (
 )
 
 
-class IDSelectQwen3VLProcessingInfo(QwenVLInfoMixin, Qwen3VLProcessingInfo):
+class Qwen3VLInfoMixin(QwenVLInfoMixin):
     def get_supported_mm_limits(self) -> Mapping[str, int | None]:
         # Videos stay a known modality (its processor kwargs are part of Qwen3-VL's schema) with
         # a limit of 0: vLLM refuses video inputs and profiles none.
         return {"image": None, "video": 0}
 
 
+class IDSelectQwen3VLProcessingInfo(Qwen3VLInfoMixin, Qwen3VLProcessingInfo):
+    pass
+
+
 class IDSelectQwen3VLMultiModalProcessor(QwenVLProcessorMixin, Qwen3VLMultiModalProcessor):
-    info: IDSelectQwen3VLProcessingInfo
+    pass
 
 
-@MULTIMODAL_REGISTRY.register_processor(
-    IDSelectQwen3VLMultiModalProcessor,
-    info=IDSelectQwen3VLProcessingInfo,
-    dummy_inputs=Qwen3VLDummyInputsBuilder,
-)
-class IDSelectQwen3VLForConditionalGeneration(
-    QwenVLSelectionMixin, Qwen3VLForConditionalGeneration
-):
-    """Qwen3-VL whose image embeddings are K post-merger tokens chosen by ID-Selection."""
+class Qwen3VLSelectionMixin(QwenVLSelectionMixin):
+    """Qwen3-VL's embedding step. The MoE variant shares the vision path and would subclass
+    this too; it is not registered: no tiny MoE checkpoint in the layout vLLM loads could be
+    built here to test it (transformers 5 saves fused experts vLLM's loader rejects)."""
+
+    family = "Qwen3-VL"
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "model") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         score_block = self.config.vision_config.depth - 1
-        self._init_qwen_selection(vllm_config, "Qwen3-VL", score_block)
+        self._init_qwen_selection(vllm_config, self.family, score_block)
 
     def embed_multimodal(self, **kwargs: object):
         plans = ImagePlans.pop(kwargs)
@@ -96,3 +97,15 @@ class IDSelectQwen3VLForConditionalGeneration(
             yield feature.mm_position.offset, t, h // merge, w // merge, 1.0, (
                 feature.mm_position.length
             )
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    IDSelectQwen3VLMultiModalProcessor,
+    info=IDSelectQwen3VLProcessingInfo,
+    dummy_inputs=Qwen3VLDummyInputsBuilder,
+)
+class IDSelectQwen3VLForConditionalGeneration(
+    Qwen3VLSelectionMixin, Qwen3VLForConditionalGeneration
+):
+    """Qwen3-VL whose image embeddings are K post-merger tokens chosen by ID-Selection."""
+
