@@ -1,4 +1,4 @@
-"""`idselect serve` on the other supported architectures: LLaVA-NeXT, Qwen2.5-VL and Qwen3-VL.
+"""`idselect serve` on LLaVA-NeXT, Qwen2.5-VL, Qwen3-VL and InternVL (LLaVA-1.5: test_server.py).
 
 One real server per model, driven with the official `openai` client. Exact visual usage: every
 response's `usage.visual_tokens_original` / `visual_tokens_kept` (also in the final streamed
@@ -16,6 +16,7 @@ import openai
 import pytest
 from transformers import AutoProcessor
 
+from devtools.tiny_internvl import write_tiny_internvl
 from devtools.tiny_llava_next import write_tiny_llava_next
 from devtools.tiny_qwen2_5_vl import write_tiny_qwen2_5_vl
 from devtools.tiny_qwen3_vl import write_tiny_qwen3_vl
@@ -24,33 +25,38 @@ from tests.server_harness import image_message, metric_value, tiny_server
 
 pytestmark = pytest.mark.engine
 
-# model -> (test-model writer, image placeholder token, extra server args)
+# model -> (test-model writer, image placeholder token, extra server args, prompt tokens around
+# each image's placeholders, a size with a different count than SMALL)
 MODELS = {
-    "llava-next": (write_tiny_llava_next, "<image>", ["--max-model-len", "8192"]),
-    "qwen2.5-vl": (write_tiny_qwen2_5_vl, "<|image_pad|>", ["--enforce-eager"]),
-    "qwen3-vl": (write_tiny_qwen3_vl, "<|image_pad|>", ["--enforce-eager"]),
+    "llava-next": (write_tiny_llava_next, "<image>", ["--max-model-len", "8192"], 0, (448, 308)),
+    "qwen2.5-vl": (write_tiny_qwen2_5_vl, "<|image_pad|>", ["--enforce-eager"], 0, (448, 308)),
+    "qwen3-vl": (write_tiny_qwen3_vl, "<|image_pad|>", ["--enforce-eager"], 0, (448, 308)),
+    # <img> ... </img> around the context tokens; 900 x 500 is 2 tiles + a thumbnail
+    "internvl": (write_tiny_internvl, "<IMG_CONTEXT>", ["--enforce-eager", "--max-model-len",
+                                                        "4096"], 2, (900, 500)),
 }
-# Sizes with different token counts on every model: LLaVA-NeXT 1x1 tile + base vs 1x2 tiles;
-# Qwen2.5-VL 8 x 8 vs 16 x 11 post-merger tokens; Qwen3-VL 7 x 7 vs 14 x 10.
-SMALL, LARGE = (224, 224), (448, 308)
+# LLaVA-NeXT 1x1 tile + base vs 1x2 tiles; Qwen2.5-VL 8 x 8 vs 16 x 11 post-merger tokens;
+# Qwen3-VL 7 x 7 vs 14 x 10; InternVL 1 tile vs 3 tiles.
+SMALL = (224, 224)
 QUESTION = "What is in the image?"
 
 
 @pytest.fixture(scope="module", params=list(MODELS))
 def served(request, tmp_path_factory):
-    write, image_token, extra = MODELS[request.param]
+    write, image_token, extra, around, large = MODELS[request.param]
     model_dir = write(tmp_path_factory.mktemp("models") / request.param)
     with tiny_server(model_dir, tmp_path_factory.mktemp("logs"), *extra) as server:
         client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="none", max_retries=0)
         processor = AutoProcessor.from_pretrained(model_dir)
         yield Served(request.param, server, client, client.models.list().data[0].id, processor,
-                     image_token)
+                     image_token, around, large)
 
 
 class Served:
-    def __init__(self, name, server, client, model_id, processor, image_token):
+    def __init__(self, name, server, client, model_id, processor, image_token, around, large):
         self.name, self.server, self.client, self.model_id = name, server, client, model_id
-        self.processor, self.image_token = processor, image_token
+        self.processor, self.image_token, self.around, self.large = (
+            processor, image_token, around, large)
 
     def full_tokens(self, image) -> int:
         """Tokens the model's own HF processor expands one image into (no vLLM involved)."""
@@ -67,7 +73,8 @@ class Served:
             [{"role": "user", "content": parts}], add_generation_prompt=True, tokenize=True,
             return_dict=False,
         )
-        return len(ids) - images  # one placeholder per image as written
+        # one placeholder per image as written; served with `around` structure tokens each
+        return len(ids) - images + self.around * images
 
     def chat(self, images, budget=None, importance=None, **kwargs):
         extra = {k: v for k, v in (("visual_token_budget", budget),
@@ -91,10 +98,10 @@ def _kept(budget, full: int) -> int:
     return full if budget is None or budget >= full else budget
 
 
-@pytest.mark.parametrize("size", [SMALL, LARGE])
+@pytest.mark.parametrize("large", [False, True])
 @pytest.mark.parametrize("budget", [None, 16, 10**6])
-def test_usage_is_exact_for_one_image(served, size, budget):
-    image = make_image(90 + (size == LARGE), size)
+def test_usage_is_exact_for_one_image(served, large, budget):
+    image = make_image(90 + large, served.large if large else SMALL)
     full = served.full_tokens(image)
     response = served.chat([image], budget)
     kept = _kept(budget, full)
@@ -103,7 +110,7 @@ def test_usage_is_exact_for_one_image(served, size, budget):
 
 
 def test_usage_sums_two_images_of_different_sizes_streamed_and_not(served):
-    images = [make_image(92, SMALL), make_image(93, LARGE)]
+    images = [make_image(92, SMALL), make_image(93, served.large)]
     fulls = [served.full_tokens(i) for i in images]
     assert fulls[0] != fulls[1]
     budget = 24
@@ -118,7 +125,7 @@ def test_usage_sums_two_images_of_different_sizes_streamed_and_not(served):
 
 
 def test_a_budget_between_two_images_counts_prunes_only_the_larger(served):
-    images = [make_image(94, SMALL), make_image(95, LARGE)]
+    images = [make_image(94, SMALL), make_image(95, served.large)]
     small, large = (served.full_tokens(i) for i in images)
     # Keeps all of the small image (LLaVA-NeXT: newlines included) and prunes the large one to
     # exactly K (below its count without newlines too: 1,178 of 1,416 here).
@@ -130,14 +137,14 @@ def test_a_budget_between_two_images_counts_prunes_only_the_larger(served):
 def test_metrics_counters_rise_by_exactly_what_the_responses_report(served):
     before = served.metrics()
     reported = [0, 0]
-    for images, budget in (([make_image(96, SMALL)], 16), ([make_image(97, LARGE)], None),
-                           ([make_image(96, SMALL), make_image(97, LARGE)], 8)):
+    for images, budget in (([make_image(96, SMALL)], 16), ([make_image(97, served.large)], None),
+                           ([make_image(96, SMALL), make_image(97, served.large)], 8)):
         original, kept = _usage(served.chat(images, budget).usage)
         reported[0] += original
         reported[1] += kept
-    stream = served.chat([make_image(98, LARGE)], 12, stream=True)  # usage not asked for
+    stream = served.chat([make_image(98, served.large)], 12, stream=True)  # usage not asked for
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) is not None
-    reported[0] += served.full_tokens(make_image(98, LARGE))
+    reported[0] += served.full_tokens(make_image(98, served.large))
     reported[1] += 12
     after = served.metrics()
 
@@ -153,7 +160,7 @@ def test_metrics_counters_rise_by_exactly_what_the_responses_report(served):
 
 @pytest.mark.parametrize("importance", ["visual", "text", "unified"])
 def test_importance_sources_are_served(served, importance):
-    image = make_image(99, LARGE)
+    image = make_image(99, served.large)
     response = served.chat([image], 16, importance)
     assert _usage(response.usage) == (served.full_tokens(image), 16)
     assert response.choices[0].message.content is not None
@@ -161,7 +168,7 @@ def test_importance_sources_are_served(served, importance):
 
 def test_cls_is_a_visual_alias_only_where_the_tower_has_one(served):
     image = make_image(99, SMALL)
-    if served.name.startswith("llava"):
+    if served.name in ("llava-next", "internvl"):  # towers with a [CLS] token
         assert served.chat([image], 16, "cls").usage.visual_tokens_kept == 16
         return
     with pytest.raises(openai.BadRequestError) as info:

@@ -18,6 +18,9 @@ ARCHITECTURES = {
     "LlavaNextForConditionalGeneration": (
         "idselect.vllm_plugin.llava_next:IDSelectLlavaNextForConditionalGeneration"
     ),
+    "InternVLForConditionalGeneration": (
+        "idselect.vllm_plugin.internvl:IDSelectInternVLForConditionalGeneration"
+    ),
     "Qwen3VLForConditionalGeneration": (
         "idselect.vllm_plugin.qwen3_vl:IDSelectQwen3VLForConditionalGeneration"
     ),

@@ -43,9 +43,8 @@ from idselect.options import (
 from idselect.vllm_plugin import items, usage
 from idselect.vllm_plugin.settings import PluginSettings
 
-# Internal processor kwarg with the prompt's text ids, for the prompt-aware sources. Being a
-# processor kwarg, it is part of each item's cache hash: prompt-aware embeddings of the same image
-# under another prompt are never served from the processor, encoder or prefix cache.
+# Internal processor kwarg with the prompt's text ids, for the prompt-aware sources: it only puts
+# the prompt into each item's cache hash (the hooks read the ids from the request context).
 _TEXT_IDS_KWARG = "_idselect_text_ids"
 _OUR_KWARGS = (*OPTION_KEYS, _TEXT_IDS_KWARG)
 
@@ -59,7 +58,7 @@ class ItemTokens:
 @dataclass(frozen=True)
 class _Request:
     options: VisualOptions  # resolved
-    given_budget: bool  # the request itself (not the deployment) set a budget
+    text_ids: tuple[int, ...]  # the prompt without media tokens (prompt-aware sources only)
 
 
 # The request being processed, for the per-item hooks `apply` calls (same thread); None while
@@ -76,7 +75,7 @@ def kept_count(budget: int | None, tokens: ItemTokens) -> int | None:
     return min(budget, tokens.selectable)
 
 
-def _without_our_kwargs(kwargs: Mapping[str, object]) -> dict[str, object]:
+def without_our_kwargs(kwargs: Mapping[str, object]) -> dict[str, object]:
     return {k: v for k, v in kwargs.items() if k not in _OUR_KWARGS}
 
 
@@ -102,7 +101,7 @@ class SelectionInfoMixin:
     def get_hf_processor(self, **kwargs: object):
         # Never hand our options to transformers: it would warn, and vLLM would build and cache
         # one HF processor per distinct value.
-        return super().get_hf_processor(**_without_our_kwargs(kwargs))
+        return super().get_hf_processor(**without_our_kwargs(kwargs))
 
     def item_tokens(self, processed: BatchFeature) -> list[ItemTokens]:
         """Counts of each image the HF processor produced pixels for."""
@@ -119,7 +118,7 @@ class SelectionProcessorMixin:
     def _call_hf_processor(
         self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]
     ) -> BatchFeature:
-        return super()._call_hf_processor(hf_data, _without_our_kwargs(hf_kwargs))
+        return super()._call_hf_processor(hf_data, without_our_kwargs(hf_kwargs))
 
     def _postprocess_hf_mm_data(
         self,
@@ -135,7 +134,7 @@ class SelectionProcessorMixin:
             budget = request.options.budget if request is not None else None
             keeps = [kept_count(budget, t) for t in self.info.item_tokens(processed_data)]
             source = request.options.source if request is not None else "visual"
-            text_ids = hf_processor_mm_kwargs.get(_TEXT_IDS_KWARG) or ()
+            text_ids = request.text_ids if request is not None else ()
             processed_data.update(items.encode(keeps, source, text_ids))
         return processed_data
 
@@ -188,9 +187,14 @@ class SelectionProcessorMixin:
         images = inputs.mm_data_items.get("image")
         if given_budget and images is not None and not isinstance(images, ImageProcessorItems):
             raise BudgetError(f"{BUDGET_KEY} cannot be applied to precomputed image embeddings")
+        text_ids: tuple[int, ...] = ()
         if options.source != "visual":
-            inputs = self._with_prompt_text(inputs)
-        token = _request.set(_Request(options, given_budget))
+            text_ids = self._prompt_text_ids(inputs)
+            # As a processor kwarg it is part of each item's cache hash: prompt-aware embeddings
+            # of an image under another prompt are never served from any cache.
+            kwargs = {**kwargs, _TEXT_IDS_KWARG: text_ids}
+            inputs = dataclasses.replace(inputs, hf_processor_mm_kwargs=kwargs)
+        token = _request.set(_Request(options, text_ids))
         try:
             result = super().apply(inputs, timing_ctx)
         finally:
@@ -198,14 +202,12 @@ class SelectionProcessorMixin:
         usage.report(self._image_usage(inputs, result, options))
         return result
 
-    def _with_prompt_text(self, inputs: ProcessorInputs) -> ProcessorInputs:
+    def _prompt_text_ids(self, inputs: ProcessorInputs) -> tuple[int, ...]:
         prompt = inputs.prompt
         if isinstance(prompt, str):
             prompt = self.info.get_tokenizer().encode(prompt)
         placeholders = set(self.placeholder_token_ids())
-        text_ids = tuple(t for t in prompt if t not in placeholders)
-        kwargs = {**inputs.hf_processor_mm_kwargs, _TEXT_IDS_KWARG: text_ids}
-        return dataclasses.replace(inputs, hf_processor_mm_kwargs=kwargs)
+        return tuple(t for t in prompt if t not in placeholders)
 
     def placeholder_token_ids(self) -> Sequence[int]:
         """Token ids that stand for media in a prompt (left out of the prompt-aware text)."""
@@ -228,7 +230,7 @@ class SelectionProcessorMixin:
             if isinstance(images, ImageProcessorItems):
                 size = images.get_image_size(idx)
                 full = self.info.full_tokens(
-                    size.width, size.height, _without_our_kwargs(inputs.hf_processor_mm_kwargs)
+                    size.width, size.height, without_our_kwargs(inputs.hf_processor_mm_kwargs)
                 )
             else:  # precomputed embeddings: served as given
                 full = kept
