@@ -151,6 +151,11 @@ def metric(samples: dict, name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
+def metric_total(samples: dict, name: str) -> float:
+    """A metric summed over all its label values."""
+    return sum(value for (n, _), value in samples.items() if n == name)
+
+
 # ------------------------------------------------------------------------------------ machine
 
 

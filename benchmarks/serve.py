@@ -65,6 +65,7 @@ from benchmarks.bench_common import (
     fmt,
     machine_info,
     metric,
+    metric_total,
     parse_budgets,
     pyplot,
     scrape_metrics,
@@ -198,8 +199,8 @@ async def run_load(target: Target, args: argparse.Namespace, budgets: list[int |
                 ttfts = [r.ttft_s for r in batch if r.ttft_s is not None]
                 waves.append(Wave(
                     budget, round_, wave_index, warmup, wall,
-                    metric(after, SELECTION_SUM) - metric(before, SELECTION_SUM),
-                    metric(after, SELECTION_COUNT) - metric(before, SELECTION_COUNT),
+                    metric_total(after, SELECTION_SUM) - metric_total(before, SELECTION_SUM),
+                    metric_total(after, SELECTION_COUNT) - metric_total(before, SELECTION_COUNT),
                     max(ttfts) if ttfts else None,
                 ))
                 results.extend(batch)
@@ -547,10 +548,10 @@ def main(argv: list[str] | None = None) -> dict:
         "budgets": rows,
         "targets": targets(rows),
         "server_metrics": {
-            "selection_seconds": metric(metrics_after, SELECTION_SUM)
-            - metric(metrics_before, SELECTION_SUM),
-            "selection_images": metric(metrics_after, SELECTION_COUNT)
-            - metric(metrics_before, SELECTION_COUNT),
+            "selection_seconds": metric_total(metrics_after, SELECTION_SUM)
+            - metric_total(metrics_before, SELECTION_SUM),
+            "selection_images": metric_total(metrics_after, SELECTION_COUNT)
+            - metric_total(metrics_before, SELECTION_COUNT),
             "ttft_mean_s_by_bucket": {
                 b: _hist_mean(metrics_before, metrics_after,
                               "idselect_time_to_first_token_seconds", b)

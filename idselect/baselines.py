@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from idselect.importance import unit_rows
+from idselect.options import SELECTORS as SELECTOR_NAMES
 from idselect.selection import (
     DEFAULT_GAMMA,
     check_gamma,
@@ -143,10 +144,12 @@ _FACTORIES: dict[str, Callable[..., Selector]] = {
     "topk": lambda: topk_importance,
     "divprune": lambda: divprune,
     "random": random_select,
-    "uniform": lambda: uniform_pool,
+    "pool": lambda: uniform_pool,
 }
 
 SELECTORS: Mapping[str, Selector] = MappingProxyType({n: f() for n, f in _FACTORIES.items()})
+if tuple(SELECTORS) != SELECTOR_NAMES:  # the request option's names (idselect.options)
+    raise RuntimeError(f"selector registry {tuple(SELECTORS)} != {SELECTOR_NAMES}")
 
 
 def get_selector(name: str, **params: object) -> Selector:

@@ -17,6 +17,10 @@ defaults. Everything after works on the typed value.
     prompt's token embeddings. A pre-LLM stand-in for the paper's cross-modal score: inside the
     image-embedding step the LLM has not run, so no text-to-image attention exists.
   - `unified`: the mean of the two, each min-max normalised per image.
+- `visual_token_selector`: how the K tokens are chosen (`idselect.baselines`), for A/B runs:
+  `id_select` (the default: importance and diversity), `topk` (importance only), `divprune`
+  (diversity only), `random` (uniform, seeded per image: the same image draws the same tokens),
+  `pool` (uniform spatial sampling of the token grid).
 """
 
 from __future__ import annotations
@@ -29,13 +33,17 @@ from typing import Literal
 
 BUDGET_KEY = "visual_token_budget"
 IMPORTANCE_KEY = "visual_token_importance"
-OPTION_KEYS = (BUDGET_KEY, IMPORTANCE_KEY)
+SELECTOR_KEY = "visual_token_selector"
+OPTION_KEYS = (BUDGET_KEY, IMPORTANCE_KEY, SELECTOR_KEY)
 
 # The importance sources an image can be ranked by (encoded by index in the item fields).
 IMPORTANCE_SOURCES: tuple[str, ...] = ("visual", "text", "unified")
 ImportanceSource = Literal["visual", "text", "unified"]
 # Accepted request values: the sources plus "cls", the older name of "visual" for [CLS] towers.
 IMPORTANCE_NAMES: tuple[str, ...] = (*IMPORTANCE_SOURCES, "cls")
+# The selectors (`idselect.baselines.SELECTORS` has the same names; encoded by index in the item
+# fields, and a bounded metric label).
+SELECTORS: tuple[str, ...] = ("id_select", "topk", "divprune", "random", "pool")
 
 
 class OptionError(ValueError):
@@ -62,6 +70,10 @@ class ImportanceError(OptionError):
     param = IMPORTANCE_KEY
 
 
+class SelectorError(OptionError):
+    param = SELECTOR_KEY
+
+
 @dataclass(frozen=True)
 class VisualOptions:
     """What one request (or a deployment default) asks of the visual tokens.
@@ -72,6 +84,7 @@ class VisualOptions:
 
     budget: int | None = None
     importance: str | None = None
+    selector: str | None = None
 
     @classmethod
     def parse(cls, values: Mapping[str, object], *, prefix: str = "") -> VisualOptions:
@@ -83,13 +96,16 @@ class VisualOptions:
         return cls(
             budget=_budget(values.get(BUDGET_KEY), prefix + BUDGET_KEY),
             importance=_importance(values.get(IMPORTANCE_KEY), prefix + IMPORTANCE_KEY),
+            selector=_name(values.get(SELECTOR_KEY), prefix + SELECTOR_KEY, SELECTORS,
+                           SelectorError),
         )
 
     def resolved(self, defaults: VisualOptions) -> VisualOptions:
         """These options, with what they leave unset taken from `defaults`, then built-ins."""
         budget = self.budget if self.budget is not None else defaults.budget
         importance = self.importance or defaults.importance or "visual"
-        return VisualOptions(budget, importance)
+        selector = self.selector or defaults.selector or "id_select"
+        return VisualOptions(budget, importance, selector)
 
     def merged(self, other: VisualOptions, *, where: str = "mm_processor_kwargs") -> VisualOptions:
         """Options given in two places (top level and `where`): they must not disagree."""
@@ -97,7 +113,7 @@ class VisualOptions:
         for f in dataclasses.fields(self):
             mine, theirs = getattr(self, f.name), getattr(other, f.name)
             if mine is not None and theirs is not None and mine != theirs:
-                key = BUDGET_KEY if f.name == "budget" else IMPORTANCE_KEY
+                key = _KEYS[f.name]
                 raise OptionError(
                     f"{key} is given twice with different values ({mine!r} at the top level "
                     f"and {theirs!r} in {where})",
@@ -116,10 +132,13 @@ class VisualOptions:
     def as_kwargs(self) -> dict[str, object]:
         """The given options as multimodal processor kwargs (unset ones left out)."""
         return {
-            key: value
-            for key, value in ((BUDGET_KEY, self.budget), (IMPORTANCE_KEY, self.importance))
-            if value is not None
+            _KEYS[f.name]: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if getattr(self, f.name) is not None
         }
+
+
+_KEYS = {"budget": BUDGET_KEY, "importance": IMPORTANCE_KEY, "selector": SELECTOR_KEY}
 
 
 def param_in_message(message: str) -> str | None:
@@ -151,12 +170,16 @@ def _budget(value: object, param: str) -> int | None:
 
 
 def _importance(value: object, param: str) -> str | None:
+    return _name(value, param, IMPORTANCE_NAMES, ImportanceError)
+
+
+def _name(value: object, param: str, names: tuple[str, ...], error: type[OptionError]
+          ) -> str | None:
     if value is None:
         return None
-    if not isinstance(value, str) or value not in IMPORTANCE_NAMES:
-        raise ImportanceError(
-            f"{param} must be one of {', '.join(IMPORTANCE_NAMES)} or null, got "
-            f"{_short_repr(value)}",
+    if not isinstance(value, str) or value not in names:
+        raise error(
+            f"{param} must be one of {', '.join(names)} or null, got {_short_repr(value)}",
             param,
         )
     return value

@@ -16,7 +16,13 @@ import sys
 import tempfile
 from typing import Any
 
-from idselect.options import BUDGET_KEY, IMPORTANCE_KEY, IMPORTANCE_NAMES
+from idselect.options import (
+    BUDGET_KEY,
+    IMPORTANCE_KEY,
+    IMPORTANCE_NAMES,
+    SELECTOR_KEY,
+    SELECTORS,
+)
 from idselect.selection import BACKEND_ENV, BACKENDS
 from server.media_policy import (
     DEFAULT_FETCH_TIMEOUT_S,
@@ -103,6 +109,15 @@ def build_parser():
         "env IDSELECT_VISUAL_TOKEN_IMPORTANCE.",
     )
     group.add_argument(
+        "--visual-token-selector",
+        choices=SELECTORS,
+        default=os.environ.get("IDSELECT_VISUAL_TOKEN_SELECTOR") or None,
+        help="Default selector when a request gives no visual_token_selector: id_select (the "
+        "default), or a baseline for A/B runs: topk (importance only), divprune (diversity "
+        "only), random (seeded per image), pool (uniform spatial sampling); env "
+        "IDSELECT_VISUAL_TOKEN_SELECTOR.",
+    )
+    group.add_argument(
         "--selection-backend",
         choices=BACKENDS,
         default=os.environ.get(BACKEND_ENV) or "auto",
@@ -166,6 +181,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error(f"{BACKEND_ENV} must be one of {', '.join(BACKENDS)}")
     if args.visual_token_importance not in (None, *IMPORTANCE_NAMES):  # from the environment
         parser.error(f"--visual-token-importance must be one of {', '.join(IMPORTANCE_NAMES)}")
+    if args.visual_token_selector not in (None, *SELECTORS):  # from the environment
+        parser.error(f"--visual-token-selector must be one of {', '.join(SELECTORS)}")
     validate_parsed_serve_args(args)
     if args.api_server_count not in (None, 1) or args.headless:
         parser.error("idselect serve runs a single API server; --api-server-count/--headless "
@@ -182,13 +199,11 @@ def _adopt_idselect_options(args: argparse.Namespace) -> dict:
     args.api_key = None
     os.environ.pop("VLLM_API_KEY", None)
 
-    if args.visual_token_budget is not None:
-        args.hf_overrides = {**(args.hf_overrides or {}), BUDGET_KEY: args.visual_token_budget}
-    if args.visual_token_importance is not None:
-        args.hf_overrides = {
-            **(args.hf_overrides or {}),
-            IMPORTANCE_KEY: args.visual_token_importance,
-        }
+    defaults = {BUDGET_KEY: args.visual_token_budget, IMPORTANCE_KEY: args.visual_token_importance,
+                SELECTOR_KEY: args.visual_token_selector}
+    given = {key: value for key, value in defaults.items() if value is not None}
+    if given:  # the HF config carries deployment defaults to the processor and every worker
+        args.hf_overrides = {**(args.hf_overrides or {}), **given}
     # The model workers read it when they resolve id_select(backend="auto"); they inherit it.
     os.environ[BACKEND_ENV] = args.selection_backend
     trust_all = bool(args.trust_request_mm_kwargs)
@@ -260,10 +275,12 @@ async def run(args: argparse.Namespace, options: dict) -> None:
         )
         logger.info(
             "idselect: ID-Selection plugin active in the model workers; model=%s, "
-            "default visual_token_budget=%s, visual_token_importance=%s, API key %s",
+            "default visual_token_budget=%s, visual_token_importance=%s, "
+            "visual_token_selector=%s, API key %s",
             args.model,
             defaults.budget or "none (full)",
             defaults.importance or "visual",
+            defaults.selector or "id_select",
             "required" if options["api_keys"] else "not required",
         )
         logger.info("idselect: media %s", media_fetch.current_policy())

@@ -19,7 +19,7 @@ from idselect.baselines import (
 )
 from idselect.selection import id_select
 
-NAMES = ["id_select", "topk", "divprune", "random", "uniform"]
+NAMES = ["id_select", "topk", "divprune", "random", "pool"]
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -191,6 +191,9 @@ def test_bad_importance_is_rejected(llm):
         llm.generate(_request(PROMPT, [make_image(81)], 16, "attention"), _greedy())
 
 
+ID_SELECT = {"selector": "id_select"}
+
+
 def _metric(name: str, labels: dict[str, str] | None = None) -> float:
     registry = CollectorRegistry()
     MultiProcessCollector(registry)
@@ -205,7 +208,7 @@ def test_metrics_count_images_tokens_and_worker_selection_time(llm):
         "kept16": _metric("idselect_visual_tokens_kept_total", {"budget": "<=16"}),
         "imgfull": _metric("idselect_images_total", {"budget": "full"}),
         "keptfull": _metric("idselect_visual_tokens_kept_total", {"budget": "full"}),
-        "selections": _metric("idselect_selection_seconds_count"),
+        "selections": _metric("idselect_selection_seconds_count", ID_SELECT),
     }
     llm.generate(_request(TWO_IMAGES, [make_image(20), make_image(21)], 8), _greedy())
     llm.generate(_request(PROMPT, [make_image(22)]), _greedy())
@@ -222,8 +225,8 @@ def test_metrics_count_images_tokens_and_worker_selection_time(llm):
         "keptfull"
     ] == FULL
     # Recorded in the worker process: two pruned images, the unpruned one is not a selection.
-    assert _metric("idselect_selection_seconds_count") - before["selections"] == 2
-    assert _metric("idselect_selection_seconds_sum") > 0
+    assert _metric("idselect_selection_seconds_count", ID_SELECT) - before["selections"] == 2
+    assert _metric("idselect_selection_seconds_sum", ID_SELECT) > 0
 
 
 def test_precomputed_image_embeds_are_served_as_given_and_counted_so(llm, hf):
@@ -240,3 +243,57 @@ def test_precomputed_image_embeds_are_served_as_given_and_counted_so(llm, hf):
     assert _metric("idselect_visual_tokens_kept_total", {"budget": "full"}) - before == FULL
     with pytest.raises(BudgetError, match="precomputed image embeddings"):
         llm.generate({**request, "mm_processor_kwargs": {"visual_token_budget": 16}}, _greedy())
+
+
+def _image_seed(image) -> int:
+    """The `random` selector's per-image seed, as documented: a hash of the image's pixels."""
+    import hashlib
+
+    import numpy as np
+
+    digest = hashlib.blake2b(np.asarray(image).tobytes(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def test_each_selector_keeps_its_own_k_tokens_as_the_reference_picks(llm, hf):
+    """Per request `visual_token_selector`: the embeddings are the projector on the reference
+    selector's picks from the same tower outputs, and the selectors disagree with each other."""
+    from idselect.baselines import get_selector
+
+    image = make_image(24)
+    features, scores = hf.vision(image)
+    chosen = {}
+    for name in ("id_select", "topk", "divprune", "random", "pool"):
+        _drain(llm)
+        request = _request(PROMPT, [image], 16)
+        request["mm_processor_kwargs"]["visual_token_selector"] = name
+        (out,) = llm.generate(request, _greedy())
+        assert len(out.prompt_token_ids) == _text_tokens(hf, PROMPT) + 16
+        (_, projected) = _drain(llm)[-1]
+        params = {"seed": _image_seed(image)} if name == "random" else {}
+        picks = get_selector(name, **params)(features, scores, 16)
+        torch.testing.assert_close(projected, hf.project(features[picks]), rtol=1e-4, atol=1e-4)
+        chosen[name] = tuple(picks.tolist())
+    assert len(set(chosen.values())) == len(chosen), chosen
+    # random is seeded per image (from its pixels, so reproducible anywhere): another image of
+    # the same size draws other tokens, exactly those its own seed gives.
+    other = make_image(25)
+    request = _request(PROMPT, [other], 16)
+    request["mm_processor_kwargs"]["visual_token_selector"] = "random"
+    _drain(llm)
+    llm.generate(request, _greedy())
+    (_, projected) = _drain(llm)[-1]
+    other_features, other_scores = hf.vision(other)
+    picks = get_selector("random", seed=_image_seed(other))(other_features, other_scores, 16)
+    torch.testing.assert_close(projected, hf.project(other_features[picks]), rtol=1e-4,
+                               atol=1e-4)
+    assert tuple(picks.tolist()) != chosen["random"]
+
+
+def test_unknown_selector_is_rejected(llm):
+    from idselect.options import SelectorError
+
+    request = _request(PROMPT, [make_image(26)], 16)
+    request["mm_processor_kwargs"]["visual_token_selector"] = "fastv"
+    with pytest.raises(SelectorError, match="visual_token_selector"):
+        llm.generate(request, _greedy())

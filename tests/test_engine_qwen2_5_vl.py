@@ -261,11 +261,12 @@ def test_metrics_count_each_image_at_its_own_full_size(llm):
     names = [("idselect_images_total", 2), ("idselect_visual_tokens_original_total",
              FULL[WIDE] + FULL[TALL]), ("idselect_visual_tokens_kept_total", 2 * 8)]
     before = {n: _metric(n, {"budget": "<=16"}) for n, _ in names}
-    selections = _metric("idselect_selection_seconds_count")
+    selections = _metric("idselect_selection_seconds_count", {"selector": "id_select"})
     llm.generate(_request(TWO_IMAGES, [make_image(16, WIDE), make_image(17, TALL)], 8), _greedy(1))
     for name, delta in names:
         assert _metric(name, {"budget": "<=16"}) - before[name] == delta, name
-    assert _metric("idselect_selection_seconds_count") - selections == 2  # in the worker
+    # in the worker
+    assert _metric("idselect_selection_seconds_count", {"selector": "id_select"}) - selections == 2
 
 
 def test_deployment_default_budget_and_request_override(model_dir, hf):

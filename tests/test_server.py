@@ -33,7 +33,8 @@ def keyed(tiny_model_dir, tmp_path_factory):
 def defaulted(tiny_model_dir, tmp_path_factory):
     logs = tmp_path_factory.mktemp("logs")
     with tiny_server(tiny_model_dir, logs, "--visual-token-budget", "32",
-                     "--visual-token-importance", "unified", "--selection-backend", "torch") as s:
+                     "--visual-token-importance", "unified", "--visual-token-selector", "topk",
+                     "--selection-backend", "torch") as s:
         yield s
 
 
@@ -171,7 +172,8 @@ def test_metrics_rise_by_exactly_the_expected_amounts(keyed, client, model_id):
     assert delta("idselect_visual_tokens_kept_total", budget="<=192") == 100
     assert delta("idselect_images_total", budget="full") == 1
     assert delta("idselect_visual_tokens_kept_total", budget="full") == FULL
-    assert delta("idselect_selection_seconds_count") == 3  # worker process, pruned images only
+    # measured in the worker process, pruned images only
+    assert delta("idselect_selection_seconds_count", selector="id_select") == 3
     assert delta("idselect_requests_total", budget="<=16", code="2xx") == 1
     assert delta("idselect_requests_total", budget="full", code="2xx") == 1
     assert delta("idselect_requests_total", budget="invalid", code="4xx") == 1
@@ -201,7 +203,8 @@ def test_server_default_budget_applies_and_requests_override_it(defaulted, text_
     assert _chat(client, model_id, [make_image(7)], None).usage.visual_tokens_kept == 32
     overridden = _chat(client, model_id, [make_image(7)], 10**9)
     assert overridden.usage.prompt_tokens == text_tokens(QUESTION, 1) + FULL
-    assert "importance: unified" in defaulted.log()  # the worker got the deployment default
+    assert "importance: unified" in defaulted.log()  # the worker got the deployment defaults
+    assert "selector: topk" in defaulted.log()
     assert "selection backend torch on cpu" in defaulted.log()
     assert httpx.get(defaulted.base_url + "/health", timeout=10).status_code == 200
 
@@ -235,3 +238,38 @@ def test_selection_backend_flag_reaches_the_workers_environment(monkeypatch):
     monkeypatch.setenv(BACKEND_ENV, "cuda")
     with pytest.raises(SystemExit):
         parse_args(["model"])
+
+
+def test_selector_per_request_keeps_k_and_is_counted_under_its_label(keyed, client, model_id,
+                                                                    text_tokens):
+    def scrape() -> str:
+        return httpx.get(keyed.base_url + "/metrics", timeout=10).text
+
+    before = scrape()
+    for name in ("id_select", "topk", "divprune", "random", "pool"):
+        response = client.chat.completions.create(
+            model=model_id, messages=image_message(QUESTION, make_image(50)), max_tokens=2,
+            extra_body={"visual_token_budget": 16, "visual_token_selector": name},
+        )
+        assert response.usage.prompt_tokens == text_tokens(QUESTION, 1) + 16
+        assert response.usage.visual_tokens_kept == 16
+    nested = client.chat.completions.create(
+        model=model_id, messages=image_message(QUESTION, make_image(51)), max_tokens=2,
+        extra_body={"mm_processor_kwargs": {"visual_token_budget": 8,
+                                            "visual_token_selector": "pool"}},
+    )
+    assert nested.usage.visual_tokens_kept == 8
+    after = scrape()
+    for name, count in (("id_select", 1), ("topk", 1), ("divprune", 1), ("random", 1),
+                        ("pool", 2)):
+        labels = {"selector": name}
+        assert metric_value(after, "idselect_selection_seconds_count", labels) - metric_value(
+            before, "idselect_selection_seconds_count", labels) == count, name
+    for bad in ("fastv", "", 3, ["topk"]):
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(
+                model=model_id, messages=image_message(QUESTION, make_image(52)), max_tokens=2,
+                extra_body={"visual_token_budget": 16, "visual_token_selector": bad},
+            )
+        assert info.value.body["param"] == "visual_token_selector"
+    assert "fastv" not in scrape()  # never a label value: client strings are not echoed

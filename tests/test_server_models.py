@@ -183,3 +183,14 @@ def test_bad_budget_is_400(served):
         served.chat([make_image(90, SMALL)], 0)
     assert info.value.body["param"] == "visual_token_budget"
     assert served.chat([make_image(90, SMALL)], 16).usage.visual_tokens_kept == 16
+
+
+@pytest.mark.parametrize("selector", ["topk", "divprune", "random", "pool"])
+def test_every_selector_keeps_exactly_k(served, selector):
+    image = make_image(89, served.large)
+    response = served.client.chat.completions.create(
+        model=served.model_id, messages=image_message(QUESTION, image), max_tokens=2,
+        extra_body={"visual_token_budget": 12, "visual_token_selector": selector},
+    )
+    assert _usage(response.usage) == (served.full_tokens(image), 12)
+    assert response.usage.prompt_tokens == served.text_tokens(1) + 12

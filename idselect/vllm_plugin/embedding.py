@@ -17,6 +17,7 @@ from vllm.config import VllmConfig
 from vllm.logger import init_logger
 from vllm.multimodal.inputs import MultiModalKwargsItem
 
+from idselect.baselines import get_selector
 from idselect.selection import id_select_batched
 from idselect.vllm_plugin import metrics
 from idselect.vllm_plugin.items import ImagePlans, item_keep
@@ -68,29 +69,38 @@ class SelectionModelMixin:
 
         `units[i]`: image i's selection units (N_i, D), the features similarity is measured on;
         `visual_scores[i]`: their visual importance (N_i,); `llm_tokens(i)`: the same units in
-        the language model's embedding space, asked for only by prompt-aware images.
+        the language model's embedding space, asked for only by prompt-aware images. Each image
+        is selected by the selector it asked for; ID-Selection runs batched.
         """
-        pruned = [i for i, k in enumerate(plans.keeps) if k is not None]
         picks: list[torch.Tensor | None] = [None] * len(plans)
-        if not pruned:
-            return picks
         embed = self.get_language_model().embed_input_ids
-        with metrics.timed_selection(units[pruned[0]].device, len(pruned)):
-            scores = [
-                plans.score(i, visual_scores[i], partial(llm_tokens, i), embed) for i in pruned
-            ]
-            kept = id_select_batched(
-                [units[i] for i in pruned],
-                scores,
-                [plans.keeps[i] for i in pruned],
-                gamma=self.idselect_settings.gamma,
-                suppression=self.idselect_settings.suppression,
-                backend="auto",
-            )
-        for i, idx in zip(pruned, kept, strict=True):
-            picks[i] = idx.to(units[i].device)
+        for selector in dict.fromkeys(plans.selectors):
+            chosen = [i for i, (k, s) in enumerate(zip(plans.keeps, plans.selectors, strict=True))
+                      if k is not None and s == selector]
+            if not chosen:
+                continue
+            with metrics.timed_selection(units[chosen[0]].device, len(chosen), selector):
+                scores = [
+                    plans.score(i, visual_scores[i], partial(llm_tokens, i), embed)
+                    for i in chosen
+                ]
+                kept = self._select(selector, [units[i] for i in chosen], scores,
+                                    [plans.keeps[i] for i in chosen],
+                                    [plans.seeds[i] for i in chosen])
+            for i, idx in zip(chosen, kept, strict=True):
+                picks[i] = idx.to(units[i].device)
         return picks
 
+    def _select(self, selector: str, units, scores, keeps, seeds) -> list[torch.Tensor]:
+        settings = self.idselect_settings
+        if selector == "id_select":
+            return id_select_batched(units, scores, keeps, gamma=settings.gamma,
+                                     suppression=settings.suppression, backend="auto")
+        # The baselines (A/B runs): one image at a time; `random` draws from the image's seed.
+        return [
+            get_selector(selector, **({"seed": seed} if selector == "random" else {}))(u, s, k)
+            for u, s, k, seed in zip(units, scores, keeps, seeds, strict=True)
+        ]
 
     def get_mm_lora_token_counts(
         self,

@@ -14,7 +14,7 @@ import torch
 from vllm.multimodal.inputs import MultiModalFieldConfig
 
 from idselect.importance import text_relevance, unified
-from idselect.options import IMPORTANCE_SOURCES, ImportanceSource
+from idselect.options import IMPORTANCE_SOURCES, SELECTORS, ImportanceSource
 
 # Tokens the image keeps; 0 encodes "not pruned" (a tensor holds no None).
 KEEP_FIELD = "idselect_num_kept"
@@ -22,7 +22,10 @@ KEEP_FIELD = "idselect_num_kept"
 # text token ids, -1 padded: the embedding step has no prompt of its own.
 IMPORTANCE_FIELD = "idselect_importance"
 TEXT_FIELD = "idselect_text_ids"
-FIELDS = (KEEP_FIELD, IMPORTANCE_FIELD, TEXT_FIELD)
+# Selector (index into SELECTORS) and the image's own seed (for `random`: a hash of its pixels).
+SELECTOR_FIELD = "idselect_selector"
+SEED_FIELD = "idselect_seed"
+FIELDS = (KEEP_FIELD, IMPORTANCE_FIELD, TEXT_FIELD, SELECTOR_FIELD, SEED_FIELD)
 MAX_TEXT_TOKENS = 256
 
 
@@ -31,9 +34,14 @@ def fields_config() -> dict[str, MultiModalFieldConfig]:
 
 
 def encode(
-    keeps: Sequence[int | None], source: ImportanceSource, text_ids: Sequence[int]
+    keeps: Sequence[int | None],
+    source: ImportanceSource,
+    text_ids: Sequence[int],
+    selector: str,
+    seeds: Sequence[int],
 ) -> dict[str, torch.Tensor]:
-    """The fields for a request's images: kept count (None = unpruned), source, prompt ids."""
+    """The fields for a request's images: kept count (None = unpruned), importance source,
+    prompt ids, selector and per-image seeds."""
     n = len(keeps)
     text = torch.full((n, MAX_TEXT_TOKENS), -1, dtype=torch.long)
     ids = list(text_ids)[-MAX_TEXT_TOKENS:]
@@ -43,6 +51,8 @@ def encode(
         KEEP_FIELD: torch.tensor([k or 0 for k in keeps], dtype=torch.long),
         IMPORTANCE_FIELD: torch.full((n,), IMPORTANCE_SOURCES.index(source), dtype=torch.long),
         TEXT_FIELD: text,
+        SELECTOR_FIELD: torch.full((n,), SELECTORS.index(selector), dtype=torch.long),
+        SEED_FIELD: torch.tensor(list(seeds), dtype=torch.long),
     }
 
 
@@ -60,25 +70,34 @@ class ImagePlans:
     keeps: list[int | None]
     sources: list[ImportanceSource]
     text_ids: torch.Tensor | None  # (images, MAX_TEXT_TOKENS)
+    selectors: list[str]
+    seeds: list[int]
+
+    @classmethod
+    def unpruned(cls, n: int) -> ImagePlans:
+        return cls([None] * n, ["visual"] * n, None, ["id_select"] * n, [0] * n)
 
     @classmethod
     def pop(cls, kwargs: dict[str, object]) -> ImagePlans | None:
         """Take the fields out of `embed_multimodal`'s kwargs; None when there are none
         (precomputed embeddings, or no image in this batch)."""
-        keep, importance, text = (kwargs.pop(name, None) for name in FIELDS)
+        keep, importance, text, selector, seed = (kwargs.pop(name, None) for name in FIELDS)
         if keep is None:
             return None
         keeps = [int(k) or None for k in torch.as_tensor(keep).flatten().tolist()]
         codes = torch.as_tensor(importance).flatten().tolist()
         ids = torch.stack(list(text)) if isinstance(text, list) else text
-        return cls(keeps, [IMPORTANCE_SOURCES[int(c)] for c in codes], ids)
+        selectors = [SELECTORS[int(c)] for c in torch.as_tensor(selector).flatten().tolist()]
+        seeds = [int(x) for x in torch.as_tensor(seed).flatten().tolist()]
+        return cls(keeps, [IMPORTANCE_SOURCES[int(c)] for c in codes], ids, selectors, seeds)
 
     def __len__(self) -> int:
         return len(self.keeps)
 
     def __getitem__(self, part: slice) -> ImagePlans:
         ids = None if self.text_ids is None else self.text_ids[part]
-        return ImagePlans(self.keeps[part], self.sources[part], ids)
+        return ImagePlans(self.keeps[part], self.sources[part], ids, self.selectors[part],
+                          self.seeds[part])
 
     def any_pruned(self) -> bool:
         return any(k is not None for k in self.keeps)

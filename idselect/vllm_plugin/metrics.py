@@ -21,6 +21,7 @@ import torch
 from prometheus_client import Counter, Histogram
 
 from idselect.budget import BUDGET_BUCKETS
+from idselect.options import SELECTORS
 
 # Seconds; selection on CPU is sub-millisecond to tens of milliseconds per image.
 _SELECTION_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
@@ -45,9 +46,13 @@ class _Metrics:
         )
         self.selection_seconds = Histogram(
             "idselect_selection_seconds",
-            "Per-image time spent scoring and selecting visual tokens in the embedding step.",
+            "Per-image time spent scoring and selecting visual tokens in the embedding step, "
+            "by selector.",
+            ["selector"],
             buckets=_SELECTION_BUCKETS,
         )
+        for selector in SELECTORS:
+            self.selection_seconds.labels(selector)
         for bucket in BUDGET_BUCKETS:  # export zeros so rate() works from the first scrape
             self.images.labels(bucket)
             self.tokens_original.labels(bucket)
@@ -67,7 +72,9 @@ def record_image(bucket: str, original: int, kept: int) -> None:
 
 
 @contextmanager
-def timed_selection(device: torch.device, images: int) -> Iterator[None]:
+def timed_selection(
+    device: torch.device, images: int, selector: str = "id_select"
+) -> Iterator[None]:
     """Observe the enclosed scoring + selection time, split evenly over `images` images.
 
     On CUDA the time is the GPU's, between two events on the current stream: it leaves out the
@@ -84,6 +91,6 @@ def timed_selection(device: torch.device, images: int) -> Iterator[None]:
         started = time.perf_counter()
         yield
         seconds = time.perf_counter() - started
-    histogram = metrics().selection_seconds
+    histogram = metrics().selection_seconds.labels(selector)
     for _ in range(images):
         histogram.observe(seconds / images)

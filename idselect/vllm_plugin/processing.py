@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
+import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 from transformers import BatchFeature
 from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
 from vllm.multimodal.parse import ImageProcessorItems, MultiModalDataItems
@@ -75,6 +77,26 @@ def kept_count(budget: int | None, tokens: ItemTokens) -> int | None:
     return min(budget, tokens.selectable)
 
 
+# The images the current HF processor call handles, in order (around `_apply_hf_processor_main`).
+_processed_images: contextvars.ContextVar[tuple] = contextvars.ContextVar(
+    "idselect_processed_images", default=()
+)
+
+
+def _image_seeds(images: tuple, n: int, selector: str) -> list[int]:
+    """Per image, a seed from its pixels (the `random` selector's: the same image draws the same
+    tokens, on any machine); 0 for the other selectors, which need none."""
+    if selector != "random":
+        return [0] * n
+    if len(images) != n:
+        raise RuntimeError(f"{len(images)} images for {n} processed items")
+    seeds = []
+    for image in images:
+        digest = hashlib.blake2b(np.asarray(image).tobytes(), digest_size=8).digest()
+        seeds.append(int.from_bytes(digest, "little") >> 1)  # fits int64
+    return seeds
+
+
 def without_our_kwargs(kwargs: Mapping[str, object]) -> dict[str, object]:
     return {k: v for k, v in kwargs.items() if k not in _OUR_KWARGS}
 
@@ -120,6 +142,17 @@ class SelectionProcessorMixin:
     ) -> BatchFeature:
         return super()._call_hf_processor(hf_data, without_our_kwargs(hf_kwargs))
 
+    def _apply_hf_processor_main(self, mm_items: MultiModalDataItems, hf_kwargs):
+        # The images this HF call processes (only the processor-cache misses), for their seeds.
+        images = mm_items.get("image")
+        pixels = (tuple(images.get(i) for i in range(len(images)))
+                  if isinstance(images, ImageProcessorItems) else ())
+        token = _processed_images.set(pixels)
+        try:
+            return super()._apply_hf_processor_main(mm_items, hf_kwargs)
+        finally:
+            _processed_images.reset(token)
+
     def _postprocess_hf_mm_data(
         self,
         mm_inputs: Mapping[str, object],
@@ -133,9 +166,13 @@ class SelectionProcessorMixin:
             request = _request.get()
             budget = request.options.budget if request is not None else None
             keeps = [kept_count(budget, t) for t in self.info.item_tokens(processed_data)]
-            source = request.options.source if request is not None else "visual"
+            options = request.options if request is not None else VisualOptions().resolved(
+                VisualOptions())
             text_ids = request.text_ids if request is not None else ()
-            processed_data.update(items.encode(keeps, source, text_ids))
+            seeds = _image_seeds(_processed_images.get(), len(keeps), options.selector)
+            processed_data.update(
+                items.encode(keeps, options.source, text_ids, options.selector, seeds)
+            )
         return processed_data
 
     def _get_mm_fields_config(

@@ -221,7 +221,7 @@ class IDSelectQwen2_5_VLForConditionalGeneration(
                 continue
             grids = mm_input[f"{modality}_grid_thw"].tolist()
             if modality == "image" and mm_input["type"] == "pixel_values":
-                plans = plans or ImagePlans([None] * len(grids), ["visual"] * len(grids), None)
+                plans = plans or ImagePlans.unpruned(len(grids))
                 out.extend(self._embed_images(mm_input["pixel_values"], grids, plans))
             elif modality == "image":
                 embeds = self._process_image_input(mm_input)

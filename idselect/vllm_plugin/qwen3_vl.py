@@ -77,7 +77,7 @@ class Qwen3VLSelectionMixin(QwenVLSelectionMixin):
         if image_input["type"] != "pixel_values":
             embeds = self._process_image_input(image_input)
             return tuple(self._with_positions(e, g) for e, g in zip(embeds, grids, strict=True))
-        plans = plans or ImagePlans([None] * len(grids), ["visual"] * len(grids), None)
+        plans = plans or ImagePlans.unpruned(len(grids))
         return tuple(self._embed_images(image_input["pixel_values"], grids, plans))
 
     def _selection_units(self, embeds: torch.Tensor) -> torch.Tensor:

@@ -75,6 +75,7 @@ class PluginSettings:
         """The settings for the start-up log line."""
         return (
             f"default budget: {self.defaults.budget or 'full'}, importance: "
-            f"{self.defaults.importance or 'visual'}, gamma={self.gamma}, "
+            f"{self.defaults.importance or 'visual'}, selector: "
+            f"{self.defaults.selector or 'id_select'}, gamma={self.gamma}, "
             f"suppression={self.suppression}, selection backend: {self.selection_backend}"
         )

@@ -15,7 +15,13 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from idselect.options import BUDGET_KEY, IMPORTANCE_KEY, IMPORTANCE_NAMES
+from idselect.options import (
+    BUDGET_KEY,
+    IMPORTANCE_KEY,
+    IMPORTANCE_NAMES,
+    SELECTOR_KEY,
+    SELECTORS,
+)
 from server.middleware.asgi_body import send_rewritten
 from server.request.openai_rules import LOGIT_BIAS_LIMIT, MAX_CHOICES
 
@@ -42,6 +48,13 @@ IMPORTANCE_FIELD = {
     "description": "Importance score ID-Selection ranks visual tokens by (null or absent: the "
     "server default).",
 }
+SELECTOR_FIELD = {
+    "anyOf": [{"type": "string", "enum": list(SELECTORS)}, {"type": "null"}],
+    "title": "Visual Token Selector",
+    "description": "How the kept visual tokens are chosen, for A/B comparisons: id_select "
+    "(importance and diversity), topk, divprune, random (seeded per image), pool (null or "
+    "absent: the server default).",
+}
 OPENAI_ERROR_INFO = {
     "type": "object",
     "title": "ErrorInfo",
@@ -64,6 +77,7 @@ def extend_schema(schema: dict[str, Any]) -> dict[str, Any]:
             continue
         properties[BUDGET_KEY] = BUDGET_FIELD
         properties[IMPORTANCE_KEY] = IMPORTANCE_FIELD
+        properties[SELECTOR_KEY] = SELECTOR_FIELD
         if isinstance(properties.get("n"), dict):
             properties["n"] = {"anyOf": [{"type": "integer", "minimum": 1,
                                           "maximum": MAX_CHOICES}, {"type": "null"}]}
