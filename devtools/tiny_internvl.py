@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from devtools.tiny_qwen2_5_vl import _CORPUS, ENDOFTEXT, IM_END, IM_START
+from idselect.tiny_checkpoint import already_written, as_saved, save_model
 
 START_IMAGE = "<img>"
 END_IMAGE = "</img>"
@@ -129,14 +130,12 @@ def write_tiny_internvl(
     if spec.seed != seed:
         spec = TinyInternVLSpec(**{**spec.__dict__, "seed": seed})
     out = Path(out_dir)
-    marker = out / "idselect_tiny_spec.json"
     spec_json = json.dumps({"model": "internvl", **spec.__dict__}, sort_keys=True)
-    if marker.exists() and marker.read_text() == spec_json:
+    if already_written(out, spec_json):
         return out
     out.mkdir(parents=True, exist_ok=True)
 
     import torch
-    from safetensors.torch import save_file
     from transformers import (
         GotOcr2ImageProcessor,
         InternVLConfig,
@@ -207,10 +206,6 @@ def write_tiny_internvl(
     with torch.no_grad():  # transformers initialises both to zeros
         embeddings.cls_token.normal_(0.0, spec.initializer_range)
         embeddings.position_embeddings.normal_(0.0, spec.initializer_range)
-    config.save_pretrained(out)
-    model.generation_config.save_pretrained(out)
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    save_file(state, out / "model.safetensors", metadata={"format": "pt"})
 
     size = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
     tiling = {
@@ -229,6 +224,5 @@ def write_tiny_internvl(
         image_seq_length=TOKENS_PER_TILE,
         chat_template=CHAT_TEMPLATE,
     )
-    processor.save_pretrained(out)
-    marker.write_text(spec_json)
+    save_model(model, out, spec_json, processor, layout=as_saved)
     return out

@@ -19,6 +19,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from idselect.tiny_checkpoint import already_written, as_saved, save_model
+
 IMAGE_PAD = "<|image_pad|>"
 VIDEO_PAD = "<|video_pad|>"
 VISION_START = "<|vision_start|>"
@@ -132,14 +134,12 @@ def write_tiny_qwen2_5_vl(
     if spec.seed != seed:
         spec = TinyQwen2_5_VLSpec(**{**spec.__dict__, "seed": seed})
     out = Path(out_dir)
-    marker = out / "idselect_tiny_spec.json"
     spec_json = json.dumps({"model": "qwen2_5_vl", **spec.__dict__}, sort_keys=True)
-    if marker.exists() and marker.read_text() == spec_json:
+    if already_written(out, spec_json):
         return out
     out.mkdir(parents=True, exist_ok=True)
 
     import torch
-    from safetensors.torch import save_file
     from transformers import (
         Qwen2_5_VLConfig,
         Qwen2_5_VLForConditionalGeneration,
@@ -200,10 +200,6 @@ def write_tiny_qwen2_5_vl(
 
     torch.manual_seed(spec.seed)
     model = Qwen2_5_VLForConditionalGeneration(config).to(torch.float32).eval()
-    config.save_pretrained(out)
-    model.generation_config.save_pretrained(out)
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    save_file(state, out / "model.safetensors", metadata={"format": "pt"})
 
     size = {"shortest_edge": spec.min_pixels, "longest_edge": spec.max_pixels}
     mean = [0.48145466, 0.4578275, 0.40821073]
@@ -220,6 +216,5 @@ def write_tiny_qwen2_5_vl(
         tokenizer=tokenizer,
         chat_template=CHAT_TEMPLATE,
     )
-    processor.save_pretrained(out)
-    marker.write_text(spec_json)
+    save_model(model, out, spec_json, processor, layout=as_saved)
     return out

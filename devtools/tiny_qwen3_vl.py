@@ -27,6 +27,7 @@ from devtools.tiny_qwen2_5_vl import (
     VISION_START,
     _build_tokenizer,
 )
+from idselect.tiny_checkpoint import already_written, as_saved, save_model
 
 PATCH = 16
 MERGE = 2
@@ -62,14 +63,12 @@ def write_tiny_qwen3_vl(out_dir: str | Path, seed: int = 0, spec: TinyQwen3VLSpe
     """Write a loadable Qwen3-VL-shaped model directory and return its path (idempotent)."""
     spec = TinyQwen3VLSpec(seed=seed) if spec is None else spec
     out = Path(out_dir)
-    marker = out / "idselect_tiny_spec.json"
     spec_json = json.dumps({"model": "qwen3_vl", **spec.__dict__}, sort_keys=True)
-    if marker.exists() and marker.read_text() == spec_json:
+    if already_written(out, spec_json):
         return out
     out.mkdir(parents=True, exist_ok=True)
 
     import torch
-    from safetensors.torch import save_file
     from transformers import (
         Qwen2VLImageProcessor,
         Qwen3VLConfig,
@@ -131,10 +130,6 @@ def write_tiny_qwen3_vl(out_dir: str | Path, seed: int = 0, spec: TinyQwen3VLSpe
 
     torch.manual_seed(spec.seed)
     model = Qwen3VLForConditionalGeneration(config).to(torch.float32).eval()
-    config.save_pretrained(out)
-    model.generation_config.save_pretrained(out)
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    save_file(state, out / "model.safetensors", metadata={"format": "pt"})
 
     size = {"shortest_edge": spec.min_pixels, "longest_edge": spec.max_pixels}
     mean = std = [0.5, 0.5, 0.5]
@@ -150,6 +145,5 @@ def write_tiny_qwen3_vl(out_dir: str | Path, seed: int = 0, spec: TinyQwen3VLSpe
         tokenizer=tokenizer,
         chat_template=CHAT_TEMPLATE,
     )
-    processor.save_pretrained(out)
-    marker.write_text(spec_json)
+    save_model(model, out, spec_json, processor, layout=as_saved)
     return out

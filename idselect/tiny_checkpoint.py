@@ -97,6 +97,11 @@ def hub_layout(state_dict: dict) -> dict:
     }
 
 
+def as_saved(state_dict: dict) -> dict:
+    """Tensor names as transformers 5 has them (the Hub layout of the newer architectures)."""
+    return {k: v.contiguous() for k, v in state_dict.items()}
+
+
 def clip_and_llama_configs(spec: TinyLlavaSpec, tokenizer, max_positions: int | None = None):
     """CLIP-ViT/14-336 geometry with narrow layers, and a Llama text model sized by `spec`."""
     from transformers import CLIPVisionConfig, LlamaConfig
@@ -142,13 +147,14 @@ def already_written(out: Path, spec_json: str) -> bool:
     ).read_text() == spec_json
 
 
-def save_model(model, out: Path, spec_json: str, processor) -> None:
-    """Config, generation config, Hub-layout safetensors, processor files, then the marker."""
+def save_model(model, out: Path, spec_json: str, processor, layout=hub_layout) -> None:
+    """Config, generation config, safetensors (tensor names by `layout`: LLaVA's Hub layout by
+    default), processor files, then the marker."""
     from safetensors.torch import save_file
 
     model.config.save_pretrained(out)
     model.generation_config.save_pretrained(out)
-    save_file(hub_layout(model.state_dict()), out / "model.safetensors", metadata={"format": "pt"})
+    save_file(layout(model.state_dict()), out / "model.safetensors", metadata={"format": "pt"})
     processor.save_pretrained(out)
     (out / "idselect_tiny_spec.json").write_text(spec_json)
 
