@@ -151,7 +151,7 @@ def test_registry_names_and_params():
 
 
 def test_registry_errors():
-    with pytest.raises(ValueError, match="valid names: divprune, id_select, random, topk, uniform"):
+    with pytest.raises(ValueError, match="valid names: divprune, id_select, pool, random, topk"):
         get_selector("fastv")
     with pytest.raises(ValueError, match="invalid parameters for selector 'topk'"):
         get_selector("topk", gamma=3.0)

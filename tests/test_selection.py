@@ -243,7 +243,12 @@ def test_batched_accepts_stacked_tensors(data):
 
 
 def pairwise_min_distance(x: torch.Tensor) -> float:
-    xn = torch.nn.functional.normalize(x.double(), dim=-1)
+    # Exact unit rows in fp64 (only all-zero rows stay zero, as in the library): F.normalize's
+    # eps would shrink a tiny row such as [0, 5e-26, 0] to ~zero and call it orthogonal to
+    # [0, 1, 0], which points the same way (a falsifying example hypothesis found).
+    xd = x.double()
+    norms = torch.linalg.vector_norm(xd, dim=-1, keepdim=True)
+    xn = torch.where(norms > 0, xd / torch.where(norms > 0, norms, 1.0), 0.0)
     c = xn @ xn.T
     c.fill_diagonal_(-1.0)
     return float(1 - c.max()) if len(x) > 1 else 2.0
@@ -258,6 +263,17 @@ def test_huge_gamma_is_topk_by_importance(img):
     k = min(k, len(s))
     expected = sorted(sorted(range(len(s)), key=lambda i: (-float(s[i]), i))[:k])
     assert id_select(x, s, k, gamma=1e9).tolist() == expected
+
+
+def test_a_tiny_row_points_where_it_points():
+    """The example that once slipped through the assumption above: [0, 5e-26, 0] and [0, 1, 0]
+    are the same direction, so the second is suppressed by the first at any gamma."""
+    x = torch.zeros(13, 3)
+    x[8, 1], x[9, 1] = 5.041908333297273e-26, 1.0
+    s = torch.zeros(13)
+    s[[8, 9, 12]] = 1.0
+    assert pairwise_min_distance(x) == 0.0
+    assert id_select(x, s, 2, gamma=1e9).tolist() == [8, 12]
 
 
 def pick_order(x: torch.Tensor, s: torch.Tensor, k: int, mode="subtract") -> list[int]:
