@@ -1,21 +1,26 @@
-"""Generate a small synthetic VQA set: coloured shapes on a plain background, with questions.
+"""Generate the shapes VQA task: coloured shapes on a plain or textured background, with questions.
 
-    python -m benchmarks.make_shapes_dataset out/shapes --items 200 [--seed 0]
+    python -m benchmarks.make_shapes_dataset out/shapes --items 1000 [--seed 0]
 
-Writes DIR/images/NNNN.png (336x336) and DIR/data.jsonl, one line per question in the format
-`benchmarks/accuracy.py` reads:
+The task is fixed, so anyone can generate fresh held-out questions (another seed):
+- 336 x 336 RGB images; a background, plain or textured (light stripes or noise);
+- 1-6 shapes from {square, circle, triangle} in {red, green, blue, yellow, purple, orange,
+  black}, each (shape, colour) pair at most once, at random non-overlapping positions, sizes
+  from 24 px up; optionally grey distractor clutter (small lines and dots, never counted);
+- questions, exactly: "What color is the <shape>?", "What shape is the <colour> object?",
+  "How many shapes are there?", "Is there a <colour> <shape>?", "Is the <colour> <shape> left or
+  right of the <colour> <shape>?"; answers are one lowercase word (numbers as digits). A
+  question is asked only where it has one right answer (a shape present in one colour only, a
+  colour on one object only, two objects clearly apart horizontally).
+
+Writes DIR/images/NNNN.png and DIR/data.jsonl, one line per question in the format
+`benchmarks/accuracy.py` reads, plus each image's objects (for oracle selections):
 
     {"id": "0007-color", "image": "images/0007.png", "question": "What color is the square?",
-     "answers": ["red", "red", ...]}
+     "answers": ["red", ...], "kind": "color",
+     "objects": [{"shape": "square", "color": "red", "box": [x0, y0, x1, y1]}, ...]}
 
-Each image holds 1-3 shapes (square, circle, triangle), each shape kind at most once and each
-colour at most once, at random positions and sizes, so every question has one right answer:
-- "What color is the <shape>?" -> the colour;
-- "What shape is the <colour> object?" -> square / circle / triangle;
-- "How many shapes are there?" -> 1 / 2 / 3;
-- "Is there a <shape> in the image?" -> yes / no.
 Answers come as lists of 10 (as in VQAv2) so VQA accuracy (min(matches / 3, 1)) applies.
-The small shapes (some only ~40 px) make the set sensitive to which visual tokens are kept.
 Nothing large is committed: the set is generated when needed.
 """
 
@@ -24,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 COLORS = {
@@ -36,7 +42,26 @@ COLORS = {
     "black": (10, 10, 10),
 }
 SHAPES = ("square", "circle", "triangle")
+KINDS = ("color", "shape", "count", "exists", "relation")
 SIZE = 336
+MIN_SIDE, MAX_SIDE = 24, 96
+MAX_OBJECTS = 6
+# Centres at least this far apart horizontally for a left/right question.
+RELATION_MARGIN = 24
+
+
+@dataclass(frozen=True)
+class Shape:
+    shape: str
+    color: str
+    box: tuple[int, int, int, int]  # x0, y0, x1, y1 (inclusive)
+
+    @property
+    def centre_x(self) -> float:
+        return (self.box[0] + self.box[2]) / 2
+
+    def as_dict(self) -> dict:
+        return {"shape": self.shape, "color": self.color, "box": list(self.box)}
 
 
 def _draw(draw, shape: str, box: tuple[int, int, int, int], color: tuple[int, int, int]) -> None:
@@ -49,55 +74,103 @@ def _draw(draw, shape: str, box: tuple[int, int, int, int], color: tuple[int, in
         draw.polygon([((x0 + x1) // 2, y0), (x1, y1), (x0, y1)], fill=color)
 
 
-def _place(rng: random.Random, taken: list[tuple[int, int, int, int]]):
-    """A box that does not overlap the boxes already placed (best effort)."""
+def _apart(box, taken, gap: int = 6) -> bool:
+    return all(box[2] + gap < b[0] or b[2] + gap < box[0] or box[3] + gap < b[1]
+               or b[3] + gap < box[1] for b in taken)
+
+
+def _place(rng: random.Random, taken: list[tuple[int, int, int, int]], low: int, high: int):
+    """A box that does not overlap the boxes already placed (None if none was found)."""
     for _ in range(200):
-        side = rng.randint(40, 110)
+        side = rng.randint(low, high)
         x0, y0 = rng.randint(4, SIZE - side - 4), rng.randint(4, SIZE - side - 4)
         box = (x0, y0, x0 + side, y0 + side)
-        if all(box[2] + 6 < b[0] or b[2] + 6 < box[0] or box[3] + 6 < b[1] or b[3] + 6 < box[1]
-               for b in taken):
+        if _apart(box, taken):
             return box
     return None
 
 
-def make_item(rng: random.Random):
-    """One image and its objects: [(shape, colour name)]."""
+def _background(rng: random.Random):
     from PIL import Image, ImageDraw
 
-    background = tuple(rng.randint(225, 255) for _ in range(3))
-    image = Image.new("RGB", (SIZE, SIZE), background)
+    base = tuple(rng.randint(215, 255) for _ in range(3))
+    image = Image.new("RGB", (SIZE, SIZE), base)
+    style = rng.choice(("plain", "stripes", "noise"))
     draw = ImageDraw.Draw(image)
-    count = rng.randint(1, 3)
-    shapes = rng.sample(SHAPES, count)
-    colors = rng.sample(sorted(COLORS), count)
-    objects, boxes = [], []
-    for shape, color in zip(shapes, colors, strict=True):
-        box = _place(rng, boxes)
+    if style == "stripes":
+        shade = tuple(max(0, c - rng.randint(12, 28)) for c in base)
+        step = rng.randint(10, 28)
+        for offset in range(-SIZE, SIZE, step):
+            draw.line([(offset, 0), (offset + SIZE, SIZE)], fill=shade, width=step // 3)
+    elif style == "noise":
+        for _ in range(900):
+            x, y = rng.randrange(SIZE), rng.randrange(SIZE)
+            shade = tuple(max(0, c - rng.randint(8, 30)) for c in base)
+            draw.rectangle((x, y, x + 3, y + 3), fill=shade)
+    return image, draw
+
+
+def make_item(rng: random.Random, clutter: bool | None = None):
+    """One image and its shapes, in drawing order."""
+    image, draw = _background(rng)
+    every_pair = [(s, c) for s in SHAPES for c in sorted(COLORS)]
+    pairs = rng.sample(every_pair, rng.randint(1, MAX_OBJECTS))
+    objects: list[Shape] = []
+    for shape, color in pairs:
+        box = _place(rng, [o.box for o in objects], MIN_SIDE, MAX_SIDE)
         if box is None:
             continue
-        boxes.append(box)
         _draw(draw, shape, box, COLORS[color])
-        objects.append((shape, color))
+        objects.append(Shape(shape, color, box))
+    if clutter is None:
+        clutter = rng.random() < 0.5
+    if clutter:
+        taken = [o.box for o in objects]
+        for _ in range(rng.randint(3, 10)):  # grey lines and dots, never touching a shape
+            box = _place(rng, taken, 4, 14)
+            if box is None:
+                break
+            grey = (rng.randint(110, 170),) * 3
+            if rng.random() < 0.5:
+                draw.line([box[:2], box[2:]], fill=grey, width=2)
+            else:
+                draw.ellipse(box, fill=grey)
+            taken.append(box)
     return image, objects
 
 
-def questions(rng: random.Random, objects: list[tuple[str, str]]) -> list[tuple[str, str, str]]:
-    """(kind, question, answer) for one image."""
-    shape, color = rng.choice(objects)
-    present = {s for s, _ in objects}
-    asked = rng.choice(SHAPES)
-    return [
-        ("color", f"What color is the {shape}?", color),
-        ("shape", f"What shape is the {color} object?", shape),
-        ("count", "How many shapes are there?", str(len(objects))),
-        ("exists", f"Is there a {asked} in the image?", "yes" if asked in present else "no"),
-    ]
+def questions(rng: random.Random, objects: list[Shape]) -> dict[str, tuple[str, str]]:
+    """kind -> (question, answer) for one image, for every kind with one right answer."""
+    out: dict[str, tuple[str, str]] = {"count": ("How many shapes are there?", str(len(objects)))}
+    shapes = [o.shape for o in objects]
+    colors = [o.color for o in objects]
+    single_shape = [o for o in objects if shapes.count(o.shape) == 1]
+    if single_shape:
+        o = rng.choice(single_shape)
+        out["color"] = (f"What color is the {o.shape}?", o.color)
+    single_color = [o for o in objects if colors.count(o.color) == 1]
+    if single_color:
+        o = rng.choice(single_color)
+        out["shape"] = (f"What shape is the {o.color} object?", o.shape)
+    present = {(o.shape, o.color) for o in objects}
+    shape, color = rng.choice(SHAPES), rng.choice(sorted(COLORS))
+    if rng.random() < 0.5:
+        shape, color = rng.choice(sorted(present))
+    out["exists"] = (f"Is there a {color} {shape}?", "yes" if (shape, color) in present else "no")
+    pairs = [(a, b) for a in objects for b in objects
+             if a is not b and abs(a.centre_x - b.centre_x) >= RELATION_MARGIN]
+    if pairs:
+        a, b = rng.choice(pairs)
+        out["relation"] = (
+            f"Is the {a.color} {a.shape} left or right of the {b.color} {b.shape}?",
+            "left" if a.centre_x < b.centre_x else "right",
+        )
+    return out
 
 
 def write_dataset(out_dir: str | Path, items: int, seed: int = 0,
                   per_image: int | None = None) -> Path:
-    """Write `items` questions (cycling through the kinds over images); return data.jsonl."""
+    """Write `items` questions (one per image by default, the kinds in turn); return data.jsonl."""
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
@@ -105,15 +178,22 @@ def write_dataset(out_dir: str | Path, items: int, seed: int = 0,
     index = 0
     while len(lines) < items:
         image, objects = make_item(rng)
+        asked = questions(rng, objects)
+        if per_image is None:  # the next kind in turn that this image can answer
+            wanted = KINDS[index % len(KINDS)]
+            kinds = [wanted] if wanted in asked else []
+        else:
+            kinds = [k for k in KINDS if k in asked][:per_image]
+        if not kinds:
+            continue  # the same image is not kept: the kinds stay balanced
         name = f"images/{index:04d}.png"
         image.save(out / name)
-        qs = questions(rng, objects)
-        # Default: one question per image, the kinds in turn.
-        qs = qs[:per_image] if per_image is not None else [qs[index % len(qs)]]
-        for kind, question, answer in qs:
+        for kind in kinds:
             if len(lines) < items:
+                question, answer = asked[kind]
                 lines.append({"id": f"{index:04d}-{kind}", "image": name, "question": question,
-                              "answers": [answer] * 10, "kind": kind})
+                              "answers": [answer] * 10, "kind": kind,
+                              "objects": [o.as_dict() for o in objects]})
         index += 1
     path = out / "data.jsonl"
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))

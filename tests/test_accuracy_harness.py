@@ -65,14 +65,14 @@ def test_score_reports_percent_of_full():
 
 
 def test_shapes_dataset_generator(tmp_path):
-    path = write_dataset(tmp_path / "shapes", items=8, seed=3)
+    path = write_dataset(tmp_path / "shapes", items=10, seed=3)
     items = load_items(path)
-    assert len(items) == 8
-    assert {i["kind"] for i in items} == {"color", "shape", "count", "exists"}
+    assert len(items) == 10
+    assert {i["kind"] for i in items} == {"color", "shape", "count", "exists", "relation"}
     for item in items:
         assert (path.parent / item["image"]).is_file()
         assert len(item["answers"]) == 10 and len(set(item["answers"])) == 1
-    assert write_dataset(tmp_path / "again", items=8, seed=3).read_text() == path.read_text()
+    assert write_dataset(tmp_path / "again", items=10, seed=3).read_text() == path.read_text()
 
 
 @pytest.mark.engine
