@@ -34,8 +34,9 @@ class SelectionModelMixin:
         self.idselect_settings = PluginSettings.for_model(vllm_config)
         if self.idselect_settings.defaults.importance == "cls" and not has_cls_token:
             raise ValueError(
-                f"the default visual_token_importance 'cls' needs a vision tower with a [CLS] "
-                f"token, and {what}'s has none: use 'visual' (its own visual saliency score)"
+                "the default visual_token_importance 'cls' needs a vision tower with a [CLS] "
+                f"token, and this model's has none ({what}): use 'visual' (its own visual "
+                "saliency score)"
             )
         logger.info("idselect: ID-Selection active for %s (%s)", what,
                     self.idselect_settings.describe())
