@@ -31,6 +31,29 @@ class Vision:
     grid_thw: torch.Tensor  # (3,)
 
 
+def run_with_received_attention(visual, block, pixel_values, grid, rotary):
+    """Run a Qwen-VL tower on one image; also return the attention each patch receives in
+    `block` (mean over queries, summed over heads), recomputed from the block's own q/k."""
+    seen: list[torch.Tensor] = []
+
+    def hook(module, args, kwargs, _output) -> None:
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        cos, sin = kwargs["position_embeddings"]
+        n = hidden.shape[0]
+        q, k, _ = module.qkv(hidden).reshape(n, 3, module.num_heads, -1).permute(1, 0, 2, 3)
+        q, k = rotary(q, k, cos, sin)
+        logits = torch.einsum("qhd,khd->hqk", q, k) * module.scaling
+        seen.append(logits.softmax(dim=-1).mean(dim=1).sum(dim=0))
+
+    handle = block.register_forward_hook(hook, with_kwargs=True)
+    try:
+        out = visual(pixel_values, grid_thw=grid)
+    finally:
+        handle.remove()
+    (patch_scores,) = seen  # one image: one full-attention segment
+    return out, patch_scores
+
+
 class HFQwen2_5_VL:
     model_class = Qwen2_5_VLForConditionalGeneration
 
@@ -53,23 +76,9 @@ class HFQwen2_5_VL:
         grid = inputs.image_grid_thw
         visual = self.model.model.visual
         block = visual.blocks[max(self.config.vision_config.fullatt_block_indexes)].attn
-        seen: list[torch.Tensor] = []
-
-        def hook(module, args, kwargs, _output) -> None:
-            hidden = kwargs.get("hidden_states", args[0] if args else None)
-            cos, sin = kwargs["position_embeddings"]
-            n = hidden.shape[0]
-            q, k, _ = module.qkv(hidden).reshape(n, 3, module.num_heads, -1).permute(1, 0, 2, 3)
-            q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
-            logits = torch.einsum("qhd,khd->hqk", q, k) * module.scaling
-            seen.append(logits.softmax(dim=-1).mean(dim=1).sum(dim=0))  # (n,) window order
-
-        handle = block.register_forward_hook(hook, with_kwargs=True)
-        try:
-            out = visual(inputs.pixel_values, grid_thw=grid)
-        finally:
-            handle.remove()
-        (patch_scores,) = seen  # one image: one full-attention segment
+        out, patch_scores = run_with_received_attention(
+            visual, block, inputs.pixel_values, grid, apply_rotary_pos_emb_vision
+        )  # window order
         unit = self.merge**2
         window_scores = patch_scores.reshape(-1, unit).sum(dim=-1)
         cfg = self.config.vision_config

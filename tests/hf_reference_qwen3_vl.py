@@ -18,7 +18,7 @@ from PIL import Image
 from transformers import Qwen3VLForConditionalGeneration
 from transformers.models.qwen3_vl.modeling_qwen3_vl import apply_rotary_pos_emb_vision
 
-from tests.hf_reference_qwen2_5_vl import HFQwen2_5_VL, Vision
+from tests.hf_reference_qwen2_5_vl import HFQwen2_5_VL, Vision, run_with_received_attention
 
 
 class HFQwen3VL(HFQwen2_5_VL):
@@ -38,23 +38,9 @@ class HFQwen3VL(HFQwen2_5_VL):
         grid = inputs.image_grid_thw
         visual = self.model.model.visual
         block = visual.blocks[-1].attn
-        seen: list[torch.Tensor] = []
-
-        def hook(module, args, kwargs, _output) -> None:
-            hidden = kwargs.get("hidden_states", args[0] if args else None)
-            cos, sin = kwargs["position_embeddings"]
-            n = hidden.shape[0]
-            q, k, _ = module.qkv(hidden).reshape(n, 3, module.num_heads, -1).permute(1, 0, 2, 3)
-            q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
-            logits = torch.einsum("qhd,khd->hqk", q, k) * module.scaling
-            seen.append(logits.softmax(dim=-1).mean(dim=1).sum(dim=0))  # (n,) raster order
-
-        handle = block.register_forward_hook(hook, with_kwargs=True)
-        try:
-            out = visual(inputs.pixel_values, grid_thw=grid)
-        finally:
-            handle.remove()
-        (patch_scores,) = seen
+        out, patch_scores = run_with_received_attention(
+            visual, block, inputs.pixel_values, grid, apply_rotary_pos_emb_vision
+        )  # raster order: no windows
         scores = patch_scores.reshape(-1, self.merge**2).sum(dim=-1)
         rows = torch.cat([out.pooler_output, *out.deepstack_features], dim=-1)
         result = Vision(rows, scores, grid[0])
