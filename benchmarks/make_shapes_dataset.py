@@ -139,6 +139,25 @@ def make_item(rng: random.Random, clutter: bool | None = None):
     return image, objects
 
 
+PATCH = 14  # the CLIP-ViT/14 patch; 24 x 24 patches per image
+
+
+def patch_coverage(objects: list[dict] | list[Shape], patch: int = PATCH):
+    """(objects, rows, cols) array: the share of each patch's pixels that each object covers
+    (objects as `Shape`s or as the dicts in data.jsonl), drawn exactly as the image drew them."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    out = np.zeros((len(objects), SIZE // patch, SIZE // patch), dtype=np.float32)
+    for i, o in enumerate(objects):
+        o = o if isinstance(o, Shape) else Shape(o["shape"], o["color"], tuple(o["box"]))
+        mask = Image.new("L", (SIZE, SIZE), 0)
+        _draw(ImageDraw.Draw(mask), o.shape, o.box, 1)
+        pixels = np.asarray(mask, dtype=np.float32)
+        out[i] = pixels.reshape(SIZE // patch, patch, SIZE // patch, patch).mean(axis=(1, 3))
+    return out
+
+
 def questions(rng: random.Random, objects: list[Shape]) -> dict[str, tuple[str, str]]:
     """kind -> (question, answer) for one image, for every kind with one right answer."""
     out: dict[str, tuple[str, str]] = {"count": ("How many shapes are there?", str(len(objects)))}
