@@ -2,7 +2,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: venv system test lint demo bench-selection tiny-model clean
+.PHONY: venv system test lint demo bench-selection tiny-model shapes-model accuracy clean
 
 venv:
 	bash scripts/setup-venv.sh
@@ -31,3 +31,18 @@ tiny-model: venv
 
 clean:
 	rm -rf $(VENV) models .pytest_cache .ruff_cache .hypothesis
+
+## The accuracy test bed (issue 15): a LLaVA-1.5-architecture model trained here (~50 min, 2 cores).
+shapes-model: venv
+	$(PY) -m benchmarks.shapes_model models/shapes-llava
+
+## Accuracy retention on the test bed: 1,000 held-out questions through `idselect serve`, budgets
+## x selectors x question kinds, then the validity checks and targets (docs/performance.md).
+ACCURACY_OUT := out/accuracy
+accuracy: shapes-model
+	$(PY) -m benchmarks.make_shapes_dataset out/shapes-eval --items 1000 --seed 1
+	$(PY) -m benchmarks.accuracy --data out/shapes-eval/data.jsonl --start models/shapes-llava \
+		--budgets full,192,64,32,16,8 --selectors all --max-tokens 3 --concurrency 8 \
+		--out $(ACCURACY_OUT)
+	$(PY) -m benchmarks.shapes_report $(ACCURACY_OUT)/accuracy.json \
+		--data out/shapes-eval/data.jsonl --model models/shapes-llava
