@@ -27,11 +27,13 @@ import argparse
 import asyncio
 import datetime as dt
 import json
+import math
 import re
 import statistics
 import sys
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -139,8 +141,36 @@ def load_items(path: Path, limit: int | None = None) -> list[dict]:
     return items
 
 
+@dataclass(frozen=True)
+class Run:
+    """One setting every question is asked at: a budget and, optionally, a selector (the
+    server's default when None). The full budget sends neither: no tokens are selected."""
+
+    budget: int | None
+    selector: str | None = None
+
+    @property
+    def label(self) -> str:
+        if self.budget is None or self.selector is None:
+            return budget_label(self.budget)
+        return f"{self.selector}@{self.budget}"
+
+    def body(self) -> dict:
+        chosen = {} if self.budget is None or self.selector is None else {
+            "visual_token_selector": self.selector}
+        return {**budget_body(self.budget), **chosen}
+
+
+def runs_for(budgets: list[int | None], selectors: list[str] | None) -> list[Run]:
+    """Every budget (x every selector, when given); the full budget once."""
+    if not selectors:
+        return [Run(b) for b in budgets]
+    return [Run(None)] * (None in budgets) + [
+        Run(b, s) for s in selectors for b in budgets if b is not None]
+
+
 async def ask(client: httpx.AsyncClient, model: str, image_url: str, question: str,
-              budget: int | None, args: argparse.Namespace) -> dict:
+              run: Run, args: argparse.Namespace) -> dict:
     text = f"{question}\n{args.prompt_suffix}" if args.prompt_suffix else question
     body = {
         "model": model,
@@ -150,7 +180,7 @@ async def ask(client: httpx.AsyncClient, model: str, image_url: str, question: s
         ]}],
         "max_tokens": args.max_tokens,
         "temperature": 0,
-        **budget_body(budget),
+        **run.body(),
     }
     started = time.perf_counter()
     try:
@@ -172,82 +202,136 @@ async def ask(client: httpx.AsyncClient, model: str, image_url: str, question: s
     }
 
 
-async def evaluate(base_url: str, model: str, items: list[dict], budgets: list[int | None],
+async def evaluate(base_url: str, model: str, items: list[dict], runs: list[Run],
                    base_dir: Path, args: argparse.Namespace) -> dict[str, list[dict]]:
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     semaphore = asyncio.Semaphore(args.concurrency)
-    total = len(items) * len(budgets)
+    total = len(items) * len(runs)
     done = 0
     started = time.perf_counter()
-    answers: dict[str, list[dict]] = {budget_label(b): [None] * len(items) for b in budgets}
+    answers: dict[str, list[dict]] = {run.label: [None] * len(items) for run in runs}
     urls = [image_url_for(item["image"], base_dir) for item in items]
 
     async with httpx.AsyncClient(base_url=base_url, headers=headers,
                                  timeout=httpx.Timeout(args.timeout)) as client:
 
-        async def one(i: int, budget: int | None) -> None:
+        async def one(i: int, run: Run) -> None:
             nonlocal done
             async with semaphore:
-                result = await ask(client, model, urls[i], items[i]["question"], budget, args)
-            answers[budget_label(budget)][i] = result
+                result = await ask(client, model, urls[i], items[i]["question"], run, args)
+            answers[run.label][i] = result
             done += 1
             if done == total or done % max(1, total // 20) == 0:
                 print(f"[{done}/{total}] {time.perf_counter() - started:.0f}s", file=sys.stderr,
                       flush=True)
 
-        # Item-major order: every budget sees the same items at about the same time.
-        await asyncio.gather(*(one(i, b) for i in range(len(items)) for b in budgets))
+        # Item-major order: every setting sees the same items at about the same time.
+        await asyncio.gather(*(one(i, run) for i in range(len(items)) for run in runs))
     return answers
 
 
-def score(items: list[dict], answers: dict[str, list[dict]], budgets: list[int | None]):
+def score(items: list[dict], answers: dict[str, list[dict]], runs: list[Run],
+          resamples: int = 2000) -> list[dict]:
+    """One row per run: scores, 95% intervals (Wilson for a score, a paired bootstrap over the
+    questions for its % of the full budget) and the same per question kind."""
     rows = []
-    for budget in budgets:
-        label = budget_label(budget)
-        results = answers[label]
+    hits: dict[str, list[float]] = {}
+    for run in runs:
+        results = answers[run.label]
         em, acc, kinds = [], [], {}
+        hits[run.label] = []
         for item, result in zip(items, results, strict=True):
             if not result["ok"]:
+                hits[run.label].append(math.nan)
                 continue
             result["exact_match"] = exact_match(result["text"], item["answers"])
             result["vqa_accuracy"] = vqa_accuracy(result["text"], item["answers"])
             em.append(result["exact_match"])
             acc.append(result["vqa_accuracy"])
-            kinds.setdefault(item.get("kind", "all"), []).append(result["vqa_accuracy"])
+            hits[run.label].append(result["exact_match"])
+            kinds.setdefault(item.get("kind", "all"), []).append(result)
         ok = [r for r in results if r["ok"]]
         errors = [r for r in results if not r["ok"]]
         kept = [r["visual_tokens_kept"] for r in ok if r.get("visual_tokens_kept") is not None]
         rows.append({
-            "budget": label,
+            "label": run.label,
+            "budget": budget_label(run.budget),
+            "selector": run.selector,
             "questions": len(ok),
             "errors": len(errors),
             "first_error": errors[0]["error"] if errors else None,
             "exact_match": 100 * statistics.fmean(em) if em else None,
+            "exact_match_ci95": wilson(em),
             "vqa_accuracy": 100 * statistics.fmean(acc) if acc else None,
             "vqa_accuracy_by_kind": {
-                k: 100 * statistics.fmean(v) for k, v in sorted(kinds.items())
+                k: 100 * statistics.fmean(r["vqa_accuracy"] for r in v)
+                for k, v in sorted(kinds.items())
+            },
+            "exact_match_by_kind": {
+                k: {"questions": len(v),
+                    "exact_match": 100 * statistics.fmean(r["exact_match"] for r in v),
+                    "ci95": wilson([r["exact_match"] for r in v])}
+                for k, v in sorted(kinds.items())
             },
             "visual_tokens_kept_mean": statistics.fmean(kept) if kept else None,
             "prompt_tokens_mean": statistics.fmean(r["prompt_tokens"] for r in ok) if ok else None,
             "latency_mean_s": statistics.fmean(r["latency_s"] for r in ok) if ok else None,
         })
     full = next((r for r in rows if r["budget"] == "full"), None)
+    intervals = retention_ci95(hits, "full", resamples) if full else {}
     for row in rows:
         for key in ("exact_match", "vqa_accuracy"):
             base = full[key] if full else None
             row[f"{key}_pct_of_full"] = (
                 100 * row[key] / base if base and row[key] is not None else None
             )
+        row["exact_match_pct_of_full_ci95"] = intervals.get(row["label"])
     return rows
 
 
+def wilson(hits: list[float], z: float = 1.96) -> list[float] | None:
+    """95% Wilson score interval of a share of 0/1 outcomes, in %."""
+    n = len(hits)
+    if not n:
+        return None
+    p = sum(hits) / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [100 * max(0.0, centre - half), 100 * min(1.0, centre + half)]
+
+
+def retention_ci95(hits: dict[str, list[float]], base: str, resamples: int, seed: int = 0,
+                   ) -> dict[str, list[float] | None]:
+    """Paired bootstrap over the questions: each run's exact match as % of `base`'s on the same
+    resampled questions (questions a run got an error on are left out of both)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    reference = np.asarray(hits[base], dtype=float)
+    n = len(reference)
+    draws = rng.integers(0, n, size=(resamples, n))
+    out: dict[str, list[float] | None] = {}
+    for label, values in hits.items():
+        values = np.asarray(values, dtype=float)
+        both = ~np.isnan(values) & ~np.isnan(reference)
+        weights = both[draws]
+        ref = (np.nan_to_num(reference)[draws] * weights).sum(1)
+        run = (np.nan_to_num(values)[draws] * weights).sum(1)
+        ratio = 100 * run[ref > 0] / ref[ref > 0]
+        out[label] = ([float(np.percentile(ratio, 2.5)), float(np.percentile(ratio, 97.5))]
+                      if len(ratio) else None)
+    return out
+
+
 def print_table(rows: list[dict]) -> None:
-    print(f"{'budget':>6} {'kept':>5} {'n':>4} {'err':>3} {'EM %':>6} {'VQA acc %':>9} "
-          f"{'EM % of full':>12} {'VQA % of full':>13} {'latency':>8}")
+    print(f"{'setting':>14} {'kept':>5} {'n':>4} {'err':>3} {'EM %':>6} {'EM 95% CI':>12} "
+          f"{'VQA acc %':>9} {'EM % of full':>12} {'VQA % of full':>13} {'latency':>8}")
     for r in rows:
+        ci = r["exact_match_ci95"]
         print(
-            f"{r['budget']:>6} {fmt(r['visual_tokens_kept_mean'], '.0f'):>5} "
+            f"{r['label']:>14} {fmt(r['visual_tokens_kept_mean'], '.0f'):>5} "
             f"{r['questions']:>4} {r['errors']:>3} {fmt(r['exact_match'], '.1f'):>6} "
+            f"{(f'{ci[0]:.1f}-{ci[1]:.1f}' if ci else '-'):>12} "
             f"{fmt(r['vqa_accuracy'], '.1f'):>9} "
             f"{fmt(r['exact_match_pct_of_full'], '.1f', 'n/a'):>12} "
             f"{fmt(r['vqa_accuracy_pct_of_full'], '.1f', 'n/a'):>13} "
@@ -262,6 +346,8 @@ def print_table(rows: list[dict]) -> None:
 
 def plot(rows: list[dict], report: dict, path: Path) -> None:
     plt = pyplot()
+    if any(r["selector"] for r in rows):
+        return plot_selectors(plt, rows, report, path)
     labels = [r["budget"] for r in rows]
     x = list(range(len(rows)))
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
@@ -290,6 +376,65 @@ def plot(rows: list[dict], report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_selectors(plt, rows: list[dict], report: dict, path: Path) -> None:
+    """Left: exact match as % of full vs K, one line per selector (95% bootstrap intervals).
+    Right: exact match per question kind at the smallest budget, per selector."""
+    selectors = list(dict.fromkeys(r["selector"] for r in rows if r["selector"]))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
+    fig.suptitle(f"accuracy retention by selector: {report['server']['model']} "
+                 f"({report['data']['questions']} questions)", fontsize=10)
+    for selector in selectors:
+        mine = sorted((r for r in rows if r["selector"] == selector),
+                      key=lambda r: int(r["budget"]))
+        ks = [int(r["budget"]) for r in mine]
+        ys = [r["exact_match_pct_of_full"] or 0.0 for r in mine]
+        cis = [r["exact_match_pct_of_full_ci95"] or [y, y] for r, y in zip(mine, ys, strict=True)]
+        errors = [[y - c[0] for y, c in zip(ys, cis, strict=True)],
+                  [c[1] - y for y, c in zip(ys, cis, strict=True)]]
+        left.errorbar(ks, ys, yerr=errors, marker="o", capsize=3, label=selector)
+    left.axhline(100, color="gray", linestyle=":")
+    left.set_xscale("log", base=2)
+    left.set_xlabel("visual_token_budget K (log scale)")
+    left.set_ylabel("exact match, % of the full budget")
+    left.set_title("retention vs K")
+    left.legend()
+    smallest = min(int(r["budget"]) for r in rows if r["selector"])
+    kinds = sorted({k for r in rows for k in r["exact_match_by_kind"]})
+    width = 0.8 / max(1, len(selectors))
+    for j, selector in enumerate(selectors):
+        row = next(r for r in rows if r["selector"] == selector
+                   and int(r["budget"]) == smallest)
+        values = [row["exact_match_by_kind"].get(k, {}).get("exact_match", 0.0) for k in kinds]
+        right.bar([i + (j - (len(selectors) - 1) / 2) * width for i in range(len(kinds))],
+                  values, width=width, label=selector)
+    full = next((r for r in rows if r["budget"] == "full"), None)
+    if full:
+        right.scatter(range(len(kinds)), [full["exact_match_by_kind"].get(k, {}).get(
+            "exact_match", 0.0) for k in kinds], marker="_", s=400, color="black",
+            label="full", zorder=3)
+    right.set_xticks(range(len(kinds)), kinds)
+    right.set_ylabel("exact match (%)")
+    right.set_title(f"per question kind at K={smallest}")
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def parse_selectors(text: str | None) -> list[str] | None:
+    """'id_select,topk' -> those names (checked against the server's); 'all' -> every one."""
+    from idselect.options import SELECTORS
+
+    if not text:
+        return None
+    names = list(SELECTORS) if text.strip() == "all" else [
+        s for s in text.replace(" ", ",").split(",") if s]
+    unknown = [s for s in names if s not in SELECTORS]
+    if unknown:
+        raise SystemExit(f"unknown selectors {unknown}; known: {', '.join(SELECTORS)}")
+    return list(dict.fromkeys(names))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
@@ -304,6 +449,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--server-args", default=None, help="vLLM options for --start")
     parser.add_argument("--budgets", default=DEFAULT_BUDGETS,
                         help="comma-separated budgets, 'full' = none sent (default %(default)s)")
+    parser.add_argument("--selectors", default=None,
+                        help="comma-separated visual_token_selector values to compare at every "
+                        "budget ('all': every selector); default: the server's own")
     parser.add_argument("--limit", type=int, default=None, help="first N questions only")
     parser.add_argument("--max-tokens", type=int, default=10)
     parser.add_argument("--prompt-suffix", default=SHORT_ANSWER,
@@ -318,6 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     budgets = parse_budgets(args.budgets)
+    runs = runs_for(budgets, parse_selectors(args.selectors))
     data = Path(args.data)
     items = load_items(data, args.limit)
     if not items:
@@ -328,40 +477,44 @@ def main(argv: list[str] | None = None) -> dict:
     started_at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     t0 = time.perf_counter()
     with connect(args.base_url, args.start, args.server_args, out, args.api_key) as target:
-        print(f"{len(items)} questions x {len(budgets)} budgets against {target.base_url} "
+        print(f"{len(items)} questions x {len(runs)} settings against {target.base_url} "
               f"({target.model})", file=sys.stderr, flush=True)
-        answers = asyncio.run(evaluate(target.base_url, target.model, items, budgets,
+        answers = asyncio.run(evaluate(target.base_url, target.model, items, runs,
                                        data.parent, args))
     wall = time.perf_counter() - t0
-    rows = score(items, answers, budgets)
+    rows = score(items, answers, runs)
     report = {
         "benchmark": "idselect accuracy retention",
-        "version": 1,
+        "version": 2,
         "started_at": started_at,
         "machine": machine,
         "server": {"base_url": target.base_url, "model": target.model,
                    "started_by_benchmark": target.started},
         "data": {"path": str(data), "questions": len(items)},
-        "settings": {"budgets": [budget_label(b) for b in budgets], "max_tokens": args.max_tokens,
+        "settings": {"budgets": [budget_label(b) for b in budgets],
+                     "selectors": parse_selectors(args.selectors),
+                     "runs": [run.label for run in runs], "max_tokens": args.max_tokens,
                      "prompt_suffix": args.prompt_suffix, "concurrency": args.concurrency,
                      "temperature": 0},
         "scoring": {
             "normalization": "VQA: lower case, punctuation, articles, number words, contractions",
             "exact_match": "normalized prediction == normalized majority answer",
             "vqa_accuracy": "min(#answers matching the normalized prediction / 3, 1)",
+            "ci95": "Wilson interval for a score; paired bootstrap over the questions (2,000 "
+                    "resamples, seed 0) for a score as % of the full budget's",
         },
         "wall_s": wall,
         "budgets": rows,
         "items": [
             {"id": item["id"], "question": item["question"], "answers": item["answers"],
-             "kind": item.get("kind"),
+             "kind": item.get("kind"), "objects": len(item.get("objects", [])) or None,
              "predictions": {label: answers[label][i] for label in answers}}
             for i, item in enumerate(items)
         ],
     }
     (out / "accuracy.json").write_text(json.dumps(report, indent=2) + "\n")
     plot(rows, report, out / "accuracy.png")
-    print(f"\n{describe_machine(machine)}; {len(items)} questions x {len(budgets)} budgets in "
+    print(f"\n{describe_machine(machine)}; {len(items)} questions x {len(runs)} settings in "
           f"{wall:.0f}s\n")
     print_table(rows)
     print(f"\nwrote {out / 'accuracy.json'} and {out / 'accuracy.png'}")

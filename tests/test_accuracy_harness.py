@@ -11,7 +11,17 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.accuracy import exact_match, load_items, normalize_answer, score, vqa_accuracy
+from benchmarks.accuracy import (
+    Run,
+    exact_match,
+    load_items,
+    normalize_answer,
+    retention_ci95,
+    runs_for,
+    score,
+    vqa_accuracy,
+    wilson,
+)
 from benchmarks.make_shapes_dataset import write_dataset
 from devtools.launch import TINY_MODEL_ARGS, running_server
 
@@ -56,12 +66,36 @@ def test_score_reports_percent_of_full():
 
     answers = {"full": [ok("red"), ok("two")], "16": [ok("Red."), ok("3")],
                "8": [ok("blue"), {"ok": False, "error": "HTTP 500"}]}
-    rows = {r["budget"]: r for r in score(items, answers, [None, 16, 8])}
+    rows = {r["budget"]: r for r in score(items, answers, [Run(None), Run(16), Run(8)])}
     assert rows["full"]["vqa_accuracy"] == 100 and rows["16"]["vqa_accuracy"] == 50
     assert rows["16"]["vqa_accuracy_pct_of_full"] == 50
     assert rows["16"]["vqa_accuracy_by_kind"] == {"color": 100, "count": 0}
     assert rows["8"]["errors"] == 1 and rows["8"]["questions"] == 1
     assert rows["8"]["exact_match_pct_of_full"] == 0
+    assert rows["16"]["exact_match_by_kind"]["color"]["questions"] == 1
+
+
+def test_runs_labels_and_request_fields():
+    runs = runs_for([None, 16, 8], ["id_select", "random"])
+    assert [r.label for r in runs] == ["full", "id_select@16", "id_select@8", "random@16",
+                                       "random@8"]
+    assert runs[0].body() == {}  # full budget: no budget, no selector sent
+    assert runs[3].body() == {"visual_token_budget": 16, "visual_token_selector": "random"}
+    assert [r.label for r in runs_for([None, 16], None)] == ["full", "16"]
+    assert Run(16).body() == {"visual_token_budget": 16}
+
+
+def test_intervals():
+    assert wilson([]) is None
+    low, high = wilson([1.0] * 90 + [0.0] * 10)
+    assert 82 < low < 90 < high < 95  # Wilson 95% for 90/100: 82.6-94.5
+    assert wilson([1.0] * 5) == [pytest.approx(56.55, abs=0.01), 100.0]
+    # Paired: a run equal to the base on every question retains exactly 100%.
+    hits = {"full": [1.0, 0.0, 1.0, 1.0] * 25, "same": [1.0, 0.0, 1.0, 1.0] * 25,
+            "half": [1.0, 0.0, 0.0, 1.0] * 25}
+    intervals = retention_ci95(hits, "full", resamples=500)
+    assert intervals["same"] == [100.0, 100.0]
+    assert intervals["half"][0] < 100 * 2 / 3 < intervals["half"][1] < 100
 
 
 def test_shapes_dataset_generator(tmp_path):
