@@ -14,8 +14,12 @@ normalisation (lower case, punctuation, articles, number words to digits, contra
 - exact match: the normalised prediction equals the normalised majority answer;
 - VQA accuracy: min(#answers equal to the prediction / 3, 1) (the VQAv2 formula without the
   10-choose-9 averaging).
-The report gives each budget's scores and their % of the full-budget score, as a table,
-accuracy.json (with every prediction) and accuracy.png.
+With `--selectors id_select,topk,...` (or `all`) every budget is asked once per
+`visual_token_selector` (the full budget once: nothing is selected there). The report gives each
+setting's scores (overall and per kind) and their % of the full-budget score, with 95% intervals
+(Wilson for a score, a paired bootstrap over the questions for its % of full), as a table,
+accuracy.json (with every prediction) and accuracy.png (with selectors: retention vs K, one line
+per selector, and the scores per kind at the smallest K).
 
 Standard benchmarks: see docs/performance.md for a VLMEvalKit recipe (its OpenAI wrapper puts
 extra constructor kwargs such as `visual_token_budget` into the request body).
