@@ -42,6 +42,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from benchmarks.accuracy import SHORT_ANSWER  # the prompt the benchmark sends
 from benchmarks.make_shapes_dataset import (
     COLORS,
     KINDS,
@@ -52,7 +53,6 @@ from benchmarks.make_shapes_dataset import (
     questions,
 )
 
-SHORT_ANSWER = "Answer the question using a single word or phrase."  # benchmarks/accuracy.py's
 GRID = 24  # patches per side
 PATCHES = GRID * GRID
 COLOR_NAMES = sorted(COLORS)

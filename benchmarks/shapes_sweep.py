@@ -23,8 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.accuracy import load_items
-
-MULTI_OBJECT = 3
+from benchmarks.shapes_report import MULTI_OBJECT
 
 
 def main(argv: list[str] | None = None) -> dict:
