@@ -62,7 +62,8 @@ def oracle_check(model_dir: Path, items: list[dict], base_dir: Path, k: int = 16
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     from benchmarks.make_shapes_dataset import Shape, patch_coverage
-    from benchmarks.shapes_model import Scene, answers_right, pixels_of
+    from benchmarks.shapes_data import Scene, pixels_of
+    from benchmarks.shapes_reading import answers_right
 
     processor = AutoProcessor.from_pretrained(model_dir)
     model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()

@@ -32,15 +32,15 @@ def main(argv: list[str] | None = None) -> dict:
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     from benchmarks.make_shapes_dataset import Shape, patch_coverage
-    from benchmarks.shapes_model import (
+    from benchmarks.shapes_data import (
         PATCH_OWNER_SHARE,
         PATCHES,
         Scene,
         answer_ids,
-        first_answers,
         keep_indices,
         pixels_of,
     )
+    from benchmarks.shapes_reading import first_answers
     from idselect.baselines import get_selector
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -18,10 +18,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from benchmarks import shapes_data, shapes_reading
 from benchmarks import shapes_model as sm
-from benchmarks.accuracy import normalize_answer
+from benchmarks.accuracy import SHORT_ANSWER, normalize_answer
 from benchmarks.bench_common import image_url_for
-from benchmarks.make_shapes_dataset import write_dataset
+from benchmarks.make_shapes_dataset import KINDS, write_dataset
 from devtools.launch import TINY_MODEL_ARGS, running_server
 
 CI = sm.PRESETS["ci"]
@@ -34,7 +35,7 @@ def ci_model(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def held_out():
-    return sm.scenes(random.Random("test-held-out"), 300)
+    return shapes_data.scenes(random.Random("test-held-out"), 300)
 
 
 def _blind_best(scenes, kind: str) -> float:
@@ -54,16 +55,16 @@ def test_ci_model_learns_above_image_blind_answers(ci_model, held_out):
     model = LlavaForConditionalGeneration.from_pretrained(ci_model).eval()
     tokenizer = AutoProcessor.from_pretrained(ci_model).tokenizer
     pixels, scenes = held_out
-    answered = sm.answers_right(model, tokenizer, pixels, scenes)
-    by_kind = {k: [r for kind, r in answered if kind == k] for k in sm.KINDS}
+    answered = shapes_reading.answers_right(model, tokenizer, pixels, scenes)
+    by_kind = {k: [r for kind, r in answered if kind == k] for k in KINDS}
     # At CI size the model learns to count (the other kinds stay near chance: see the preset).
     right, blind = by_kind["count"], _blind_best(scenes, "count")
     pvalue = _binomial_tail(sum(right), len(right), blind)
     summary = {k: round(sum(v) / len(v), 2) for k, v in by_kind.items()}
     assert sum(right) / len(right) > blind and pvalue < 1e-3, (summary, blind, pvalue)
     # It reads the image: which 16 patches it sees changes its answers.
-    oracle = sm.answers_right(model, tokenizer, pixels, scenes, "oracle", 16)
-    rand = sm.answers_right(model, tokenizer, pixels, scenes, "random", 16)
+    oracle = shapes_reading.answers_right(model, tokenizer, pixels, scenes, "oracle", 16)
+    rand = shapes_reading.answers_right(model, tokenizer, pixels, scenes, "random", 16)
     assert oracle != rand
 
 
@@ -94,7 +95,7 @@ def test_served_ci_model_answers_as_trained_and_selectors_change_answers(ci_mode
                 "messages": [{"role": "user", "content": [
                     {"type": "image_url",
                      "image_url": {"url": image_url_for(item["image"], data.parent)}},
-                    {"type": "text", "text": f"{item['question']}\n{sm.SHORT_ANSWER}"}]}]}
+                    {"type": "text", "text": f"{item['question']}\n{SHORT_ANSWER}"}]}]}
         response = client.post("/v1/chat/completions", json=body)
         assert response.status_code == 200, response.text
         return response.json()
@@ -110,10 +111,11 @@ def test_served_ci_model_answers_as_trained_and_selectors_change_answers(ci_mode
     # token asked for: content is that token, decoded without special tokens).
     from PIL import Image
 
-    scenes = [sm.Scene([], None, {item["kind"]: (item["question"], item["answers"][0])})
+    scenes = [shapes_data.Scene([], None, {item["kind"]: (item["question"], item["answers"][0])})
               for item in items]
-    pixels = sm.pixels_of([Image.open(data.parent / i["image"]).convert("RGB") for i in items])
-    expected = sm.first_answers(model, tokenizer, pixels, scenes)
+    pixels = shapes_data.pixels_of(
+        [Image.open(data.parent / i["image"]).convert("RGB") for i in items])
+    expected = shapes_reading.first_answers(model, tokenizer, pixels, scenes)
     served = [normalize_answer(r["choices"][0]["message"]["content"]) for r in full]
     assert served == [normalize_answer(tokenizer.decode([t], skip_special_tokens=True))
                       for t in expected]

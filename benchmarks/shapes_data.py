@@ -1,0 +1,158 @@
+"""The shapes test bed's data: prompts and answers as token ids, images as CLIP pixels, the
+tower's dense training labels, and which patches a training or oracle step keeps.
+
+The task itself (images, questions, answers, per-patch object coverage) is
+`benchmarks.make_shapes_dataset`; the trainer is `benchmarks.shapes_model`, and the model is read
+by `benchmarks.shapes_reading`.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from benchmarks.accuracy import SHORT_ANSWER  # the prompt the benchmark sends
+from benchmarks.make_shapes_dataset import (
+    COLORS,
+    SHAPES,
+    SIZE,
+    make_item,
+    patch_coverage,
+    questions,
+)
+
+GRID = 24  # patches per side
+PATCHES = GRID * GRID
+COLOR_NAMES = sorted(COLORS)
+PAIRS = [(s, c) for s in SHAPES for c in COLOR_NAMES]
+# A patch belongs to the object covering at least this share of it (else: background).
+PATCH_OWNER_SHARE = 0.25
+# The training-only description asked of every image (never asked by the benchmark).
+CAPTION_QUESTION = "List the shapes from left to right."
+
+
+def corpus() -> list[str]:
+    """Every prompt and answer of the task, so BPE makes each task word one token."""
+    words = [*SHAPES, *COLOR_NAMES, "yes", "no", "left", "right", *map(str, range(10))]
+    lines = [f"USER: What color is the {s}?\n{SHORT_ANSWER}\nASSISTANT: {c}</s>"
+             for s in SHAPES for c in COLOR_NAMES]
+    lines += [f"USER: What shape is the {c} object?\n{SHORT_ANSWER}\nASSISTANT: {s}</s>"
+              for s in SHAPES for c in COLOR_NAMES]
+    lines += [f"USER: How many shapes are there? ASSISTANT: {n}" for n in range(10)]
+    lines += [f"USER: Is there a {c} {s}? ASSISTANT: yes no" for s in SHAPES for c in COLOR_NAMES]
+    lines += [f"Is the {c} {s} left or right of the {c} {s}? left right"
+              for s in SHAPES for c in COLOR_NAMES]
+    lines += [f"USER: {CAPTION_QUESTION}\n{SHORT_ANSWER}\nASSISTANT: 2 {c} {s} {c} {s}</s>"
+              for s in SHAPES for c in COLOR_NAMES]
+    return lines * 4 + [" ".join(words)] * 20
+
+
+def caption(objects) -> str:
+    """The count, then every object as "<colour> <shape>", left to right."""
+    ordered = sorted(objects, key=lambda o: o.centre_x)
+    return " ".join([str(len(objects)), *(f"{o.color} {o.shape}" for o in ordered)])
+
+
+def user_prompt(tokenizer, question: str) -> tuple[list[int], list[int]]:
+    """Token ids before and after the image, exactly as the OpenAI server renders one user turn
+    (benchmarks/accuracy.py's prompt; chat prompts get no BOS beyond the template's)."""
+    messages = [{"role": "user", "content": [
+        {"type": "image"}, {"type": "text", "text": f"{question}\n{SHORT_ANSWER}"}]}]
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    before, after = text.split("<image>")
+    return (tokenizer(before, add_special_tokens=False)["input_ids"],
+            tokenizer(after, add_special_tokens=False)["input_ids"])
+
+
+def answer_ids(tokenizer, answer: str) -> list[int]:
+    return tokenizer(" " + answer, add_special_tokens=False)["input_ids"] + [
+        tokenizer.eos_token_id]
+
+
+def pixels_of(images):
+    """CLIP preprocessing of 336 x 336 images (resize and crop are identities at this size)."""
+    import numpy as np
+    import torch
+
+    from idselect.tiny_checkpoint import CLIP_IMAGE_STATS
+
+    array = np.stack([np.asarray(im, dtype=np.float32) / 255.0 for im in images])
+    x = torch.from_numpy(array).permute(0, 3, 1, 2)
+    mean = torch.tensor(CLIP_IMAGE_STATS["image_mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_IMAGE_STATS["image_std"]).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+@dataclass
+class Scene:
+    objects: list  # make_shapes_dataset.Shape
+    coverage: object  # (objects, 24, 24) numpy
+    asked: dict  # kind -> (question, answer)
+
+
+def scenes(rng: random.Random, n: int):
+    images, out = [], []
+    for _ in range(n):
+        image, objects = make_item(rng)
+        images.append(image)
+        out.append(Scene(objects, patch_coverage(objects), questions(rng, objects)))
+    return pixels_of(images), out
+
+
+def vision_targets(batch: list[Scene], position_bins: int):
+    """[CLS]: pair presence (multi-label) and count; patches: colour, shape and the bin of the
+    object's centre x (0 = no object)."""
+    import numpy as np
+    import torch
+
+
+    present = torch.zeros(len(batch), len(PAIRS))
+    count = torch.tensor([len(s.objects) - 1 for s in batch])
+    colour = torch.zeros(len(batch), PATCHES, dtype=torch.long)
+    shape = torch.zeros(len(batch), PATCHES, dtype=torch.long)
+    column = torch.zeros(len(batch), PATCHES, dtype=torch.long)
+    for b, scene in enumerate(batch):
+        for o in scene.objects:
+            present[b, PAIRS.index((o.shape, o.color))] = 1
+        if scene.objects:
+            cov = scene.coverage.reshape(len(scene.objects), PATCHES)
+            owner, share = cov.argmax(0), cov.max(0)
+            for p in np.nonzero(share >= PATCH_OWNER_SHARE)[0]:
+                o = scene.objects[owner[p]]
+                colour[b, p] = COLOR_NAMES.index(o.color) + 1
+                shape[b, p] = SHAPES.index(o.shape) + 1
+                column[b, p] = min(int(o.centre_x * position_bins / SIZE), position_bins - 1) + 1
+    return {"present": present, "count": count, "colour": colour, "shape": shape,
+            "column": column}
+
+
+def keep_indices(mode: str, k: int, batch: list[Scene], gen) -> list:
+    """Patch indices (ascending) per image: all, random, biased to object patches, or the oracle
+    (round-robin over the objects, each object's most-covered patches first)."""
+    import torch
+
+    out = []
+    for scene in batch:
+        if mode == "full" or k >= PATCHES:
+            out.append(torch.arange(PATCHES))
+            continue
+        order = torch.randperm(PATCHES, generator=gen)
+        if mode == "objects" and scene.objects:
+            covered = torch.from_numpy(scene.coverage.reshape(len(scene.objects), -1).max(0))
+            on = order[covered[order] >= PATCH_OWNER_SHARE]
+            m = int(torch.randint(0, min(k, len(on)) + 1, (1,), generator=gen))
+            rest = order[~torch.isin(order, on[:m])]
+            order = torch.cat([on[:m], rest])
+        elif mode == "oracle" and scene.objects:
+            cov = torch.from_numpy(scene.coverage.reshape(len(scene.objects), -1))
+            ranked = [c.argsort(descending=True, stable=True) for c in cov]
+            picked: list[int] = []
+            for rank in range(PATCHES):
+                for r in ranked:
+                    if len(picked) < k and int(r[rank]) not in picked:
+                        picked.append(int(r[rank]))
+                if len(picked) >= k:
+                    break
+            order = torch.tensor(picked)
+        out.append(order[:k].sort().values)
+    return out
