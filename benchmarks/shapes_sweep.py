@@ -9,8 +9,11 @@ answer token: `id_select` at several gamma (the similarity scale of its suppress
 server uses 20), `topk` (gamma -> infinity), `divprune`, `pool`, `random` and the oracle (the
 patches covering the recorded objects). Besides exact match on all, count and multi-object
 questions it reports what each selection kept: the share of objects with at least one kept patch
-(one the object covers >= 25% of) and the share of kept patches that lie on an object. Writes
-sweep.json and sweep.md to --out.
+(one the object covers >= 25% of) and the share of kept patches that lie on an object. And
+whether the tower's patch features carry what the questions need: a linear probe (ridge least
+squares, fitted on the first half of the questions' images, scored on the second) of the colour,
+shape and centre-x bin of the object under each object patch; if those are high while the model
+answers at chance, the LM is the bottleneck, not the tower. Writes sweep.json and sweep.md to --out.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ def main(argv: list[str] | None = None) -> dict:
         answer_ids,
         keep_indices,
         pixels_of,
+        vision_targets,
     )
     from benchmarks.shapes_reading import first_answers
     from idselect.baselines import get_selector
@@ -64,6 +68,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     kinds = np.array([item["kind"] for item in items])
     counts = np.array([len(item["objects"]) for item in items])
+    training = Path(args.model) / "idselect_training.json"
+    bins = (json.loads(training.read_text())["spec"].get("position_bins", 12)
+            if training.exists() else 12)
+    probe_x: list = []
+    probe_y: dict[str, list] = {"colour": [], "shape": [], "column": []}
+    probe_half: list = []
     right: dict[str, list[bool]] = {}
     covered: dict[str, list[float]] = {}
     on_object: dict[str, list[float]] = {}
@@ -85,6 +95,12 @@ def main(argv: list[str] | None = None) -> dict:
         features = out.hidden_states[layer][:, 1:]
         scores = out.attentions[layer][:, :, 0, 1:].sum(1)
         truth = [answer_ids(tokenizer, i["answers"][0])[0] for i in part]
+        labels = vision_targets(scenes, bins)
+        on = labels["colour"] > 0
+        probe_x.append(features[on])
+        for name in probe_y:
+            probe_y[name].append(labels[name][on])
+        probe_half.append(torch.full((int(on.sum()),), at < len(items) // 2))
         for k in budgets:
             picks: dict[str, list] = {
                 name: [selector(f, s, k).sort().values for f, s in zip(features, scores,
@@ -111,20 +127,43 @@ def main(argv: list[str] | None = None) -> dict:
                      "objects_with_a_kept_patch": 100 * np.mean(covered[key]),
                      "kept_on_objects": 100 * np.mean(on_object[key])})
     rows.sort(key=lambda r: (int(r["selection"].rsplit("@", 1)[1]), -r["all"]))
+    probes = linear_probe(torch.cat(probe_x), {n: torch.cat(v) for n, v in probe_y.items()},
+                          torch.cat(probe_half))
     lines = [f"{len(items)} questions; exact match % (greedy first token, transformers)", "",
              "| selection | all | count | multi-object | objects with a kept patch | "
              "kept patches on objects |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['selection']} | {r['all']:.1f} | {r['count']:.1f} | "
               f"{r['multi-object']:.1f} | {r['objects_with_a_kept_patch']:.1f} | "
               f"{r['kept_on_objects']:.1f} |" for r in rows]
+    lines += ["", "Linear probe of the feature layer's object patches (held-out images), "
+              "accuracy %: " + ", ".join(f"{name} {100 * acc:.1f} (majority {100 * chance:.1f})"
+                          for name, (acc, chance) in probes.items())]
     text = "\n".join(lines) + "\n"
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    result = {"questions": len(items), "budgets": budgets, "gammas": gammas, "rows": rows}
+    result = {"questions": len(items), "budgets": budgets, "gammas": gammas, "rows": rows,
+              "linear_probe": {n: {"accuracy": a, "majority": c} for n, (a, c) in probes.items()}}
     (out_dir / "sweep.json").write_text(json.dumps(result, indent=2) + "\n")
     (out_dir / "sweep.md").write_text(text)
     print(text)
     return result
+
+
+def linear_probe(x, labels: dict, train, ridge: float = 1e-2) -> dict[str, tuple[float, float]]:
+    """name -> (held-out accuracy, majority-class share) of a ridge least-squares one-hot
+    classifier on features `x` (rows where `train` is true fit it; the others score it)."""
+    import torch
+
+    x = torch.cat([x.double(), torch.ones(len(x), 1, dtype=torch.float64)], 1)
+    a, b = x[train], x[~train]
+    gram = a.T @ a + ridge * len(a) * torch.eye(x.shape[1], dtype=torch.float64)
+    out = {}
+    for name, y in labels.items():
+        onehot = torch.nn.functional.one_hot(y, int(y.max()) + 1).double()
+        w = torch.linalg.solve(gram, a.T @ onehot[train])
+        acc = float(((b @ w).argmax(1) == y[~train]).double().mean())
+        out[name] = (acc, float(y[~train].bincount().max() / len(b)))
+    return out
 
 
 if __name__ == "__main__":

@@ -60,3 +60,22 @@ def test_paired_difference_interval():
     d = paired_difference(a, b)
     assert d["points"] == 25 and d["ci95"][0] > 0 and d["ci95"][1] < 50
     assert paired_difference(a, a) == {"points": 0.0, "ci95": [0.0, 0.0]}
+
+
+def test_linear_probe_reads_what_features_carry():
+    """The sweep's probe: a label written into the features is read back on held-out rows; a
+    label independent of them scores about its majority share."""
+    import torch
+
+    from benchmarks.shapes_sweep import linear_probe
+
+    gen = torch.Generator().manual_seed(0)
+    carried = torch.randint(0, 4, (2000,), generator=gen)
+    noise = torch.randint(0, 3, (2000,), generator=gen)
+    x = torch.randn(2000, 16, generator=gen)
+    x[:, :4] += 3 * torch.nn.functional.one_hot(carried, 4)
+    train = torch.arange(2000) < 1000
+    probes = linear_probe(x, {"carried": carried, "noise": noise}, train)
+    assert probes["carried"][0] > 0.95
+    accuracy, majority = probes["noise"]
+    assert abs(accuracy - majority) < 0.06 and majority < 0.4
