@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from benchmarks.accuracy import SHORT_ANSWER  # the prompt the benchmark sends
 from benchmarks.make_shapes_dataset import (
     COLORS,
+    RELATION_MARGIN,
     SHAPES,
     SIZE,
     make_item,
@@ -88,6 +89,37 @@ class Scene:
     objects: list  # make_shapes_dataset.Shape
     coverage: object  # (objects, 24, 24) numpy
     asked: dict  # kind -> (question, answer)
+    # Training only: every question asked of the image this draw, (kind, (question, answer)),
+    # instead of one per kind (see `every_question`).
+    drill: list | None = None
+
+
+def every_question(rng: random.Random, objects, pairs_asked: int = 3) -> list:
+    """(kind, (question, answer)) for the questions of the task with one answer on this image:
+    the colour of each object whose shape is unique, the shape of each whose colour is unique,
+    the count, up to `pairs_asked` present pairs and as many absent ones, and up to
+    `pairs_asked` random ordered pairs far enough apart. Dense supervision for training: the
+    benchmark asks one question at a time."""
+    shapes = [o.shape for o in objects]
+    colors = [o.color for o in objects]
+    out = [("color", (f"What color is the {o.shape}?", o.color))
+           for o in objects if shapes.count(o.shape) == 1]
+    out += [("shape", (f"What shape is the {o.color} object?", o.shape))
+            for o in objects if colors.count(o.color) == 1]
+    out.append(("count", ("How many shapes are there?", str(len(objects)))))
+    present = sorted({(o.shape, o.color) for o in objects})
+    yes = rng.sample(present, min(pairs_asked, len(present)))
+    no = rng.sample(sorted(set(PAIRS) - set(present)), len(yes))
+    out += [("exists", (f"Is there a {c} {s}?", answer))
+            for (s, c), answer in [(p, "yes") for p in yes] + [(p, "no") for p in no]]
+    pairs = [(a, b) for a in objects for b in objects
+             if a is not b and abs(a.centre_x - b.centre_x) >= RELATION_MARGIN]
+    for a, b in rng.sample(pairs, min(pairs_asked, len(pairs))):
+        out.append(("relation", (
+            f"Is the {a.color} {a.shape} left or right of the {b.color} {b.shape}?",
+            "left" if a.centre_x < b.centre_x else "right")))
+    rng.shuffle(out)
+    return out
 
 
 def scenes(rng: random.Random, n: int):

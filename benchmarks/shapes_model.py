@@ -1,6 +1,6 @@
 """Train the shapes test bed: a LLaVA-1.5-architecture VLM that really answers questions.
 
-    make shapes-model           # writes models/shapes-llava (about an hour on 2 cores)
+    make shapes-model           # writes models/shapes-llava (about 50 minutes on 2 cores)
     python -m benchmarks.shapes_model DIR [--preset full|ci] [--threads N]
 
 The checkpoint is an ordinary `LlavaForConditionalGeneration` directory (CLIP-ViT/14-336: 576
@@ -16,20 +16,23 @@ LLaVA-1.5 checkpoint. It is trained from seeds on the task of `benchmarks.make_s
    there are (so [CLS] attends to the objects), and per-patch heads predict the colour, the shape
    and the horizontal position (centre-x bin) of the object under each patch (so every patch of
    an object carries what and where it is, not only its edges).
-2. Projector + language model, the tower frozen, on a pool of `lm_pool` images whose features
-   are computed once (each draw asks the image fresh questions). Every image comes with each
-   question the task can ask of it and a training-only description ("List the shapes from left
-   to right." -> "3 red square blue circle ..."), which supervises binding, order and count on
-   every object, as LLaVA's captioning stage does; all are packed into one sequence (each
-   question sees the image and itself only, with the positions it would have alone), and the
-   loss is on the answer words and `</s>`. The first half of the steps show all 576 patch
-   tokens; after that, 60% of the steps show sparse subsets (in raster order, as the plugin keeps
-   them): random ones and ones biased to object patches, K log-uniform in [8, 576]. A test bed
-   must not confound "which tokens carry the answer" with "this LM has never seen fewer than 576
-   tokens": LLaVA-1.5 is not trained so, and docs/performance.md says what that means.
+2. Projector + language model, the tower frozen, on a pool of `lm_pool` images whose features are
+   computed once (each draw asks the image fresh questions). Every image comes with the questions
+   the task can ask of it (`shapes_data.every_question`: each object's colour and shape, several
+   pairs and relations, the count) and a training-only description ("List the shapes from left to
+   right." -> "3 red square blue circle ..."), which supervises binding, order and count on every
+   object, as LLaVA's captioning stage does; all are packed into one sequence (each question sees
+   the image and itself only, with the positions it would have alone), and the loss is on the answer
+   words and `</s>`. The first half of the steps show all 576 patch tokens; after that, 60% of the
+   steps show sparse subsets (in raster order, as the plugin keeps them): random ones and ones
+   biased to object patches, K log-uniform in [8, 576]. A test bed must not confound "which tokens
+   carry the answer" with "this LM has never seen fewer than 576 tokens": LLaVA-1.5 is not trained
+   so, and docs/performance.md says what that means.
 
-Progress shows as a bar with the loss; held-out accuracy per question kind (first answer token,
-greedy, all 576 tokens) is printed as it goes, and at the end for K=16 with the patches that
+Progress shows as a bar with the loss. As it goes, stage 1 prints what its heads read from the
+feature layer of held-out images (per object patch: colour, shape, centre-x bin; per image:
+count, all present pairs right) and stage 2 the held-out accuracy per question kind (first
+answer token, greedy, all 576 tokens); at the end, the latter also for K=16 with the patches that
 cover the objects (the oracle) and with random patches. `idselect_training.json` in DIR keeps the
 spec, that history and the wall time. Deterministic from the seed for a given machine and thread
 count (CPU matmul reductions may differ across thread counts); a second run with the same spec
@@ -54,6 +57,7 @@ from benchmarks.shapes_data import (
     PATCHES,
     Scene,
     corpus,
+    every_question,
     keep_indices,
     scenes,
     vision_targets,
@@ -70,12 +74,12 @@ class ShapesSpec:
     vision_heads: int = 2
     text_hidden: int = 128
     text_layers: int = 4
-    text_heads: int = 2
+    text_heads: int = 4
     vocab_size: int = 512
     vision_steps: int = 1500
     vision_batch: int = 16
     vision_lr: float = 1e-3
-    lm_steps: int = 4000
+    lm_steps: int = 2000
     lm_batch: int = 16
     lm_lr: float = 2e-3
     # Stage 2 draws its images from a pool whose frozen-tower features are computed once (the
@@ -91,6 +95,10 @@ class ShapesSpec:
     # position (`position_bins` bins of the centre x) besides its colour and shape.
     caption: bool = True
     position_bins: int = 12
+    # Stage 2 asks each image every question it admits (`every_question`: each object's colour
+    # and shape, up to three present pairs and as many absent, up to three relations, the
+    # count), not one per kind.
+    every_question: bool = True
     eval_images: int = 300
     eval_every: int = 500
     seed: int = 0
@@ -162,7 +170,7 @@ def schedule(step: int, steps: int, lr: float, warmup: int = 50) -> float:
     return lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
 
-def train_vision(model, spec: ShapesSpec, rng: random.Random, log) -> None:
+def train_vision(model, spec: ShapesSpec, rng: random.Random, held_out, log) -> None:
     import torch
     import torch.nn.functional as F
     from tqdm import tqdm
@@ -202,7 +210,34 @@ def train_vision(model, spec: ShapesSpec, rng: random.Random, log) -> None:
         opt.step()
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         log.setdefault("vision_loss", []).append(round(loss.item(), 4))
+        if (step + 1) % spec.eval_every == 0 or step + 1 == spec.vision_steps:
+            tower.eval()
+            acc = head_accuracy(model, heads, spec, *held_out)
+            tower.train()
+            log.setdefault("vision_held_out", []).append({"step": step + 1, **acc})
+            bar.write(f"step {step + 1}: held-out accuracy of the tower's heads "
+                      + " ".join(f"{k}={v:.2f}" for k, v in acc.items()), file=sys.stderr)
     tower.eval()
+
+
+def head_accuracy(model, heads, spec: ShapesSpec, pixels, batch: list[Scene]) -> dict:
+    """What the tower's feature layer carries, read by its training heads on held-out images:
+    the colour, shape and centre-x bin of the object under each object patch, the count and
+    the present (shape, colour) pairs (all of an image's pairs right)."""
+    import torch
+
+    targets = vision_targets(batch, spec.position_bins)
+    with torch.inference_mode():
+        x = torch.cat([feature_layer(model, pixels[at:at + 25]) for at in range(0, len(batch), 25)])
+        cls, patches = x[:, 0], x[:, 1:]
+        on = targets["colour"] > 0
+        out = {f"patch_{name}": float((heads[name](patches[on]).argmax(-1)
+                                       == targets[name][on]).float().mean())
+               for name in ("colour", "shape", "column")}
+        out["count"] = float((heads["count"](cls).argmax(-1) == targets["count"]).float().mean())
+        pairs = (heads["present"](cls) > 0) == (targets["present"] > 0.5)
+        out["pairs"] = float(pairs.all(-1).float().mean())
+    return {k: round(v, 3) for k, v in out.items()}
 
 
 def feature_pool(model, spec: ShapesSpec, rng: random.Random):
@@ -242,7 +277,9 @@ def train_language(model, tokenizer, spec: ShapesSpec, rng: random.Random, held_
         for group in opt.param_groups:
             group["lr"] = schedule(step, spec.lm_steps, spec.lm_lr)
         drawn = torch.randint(0, len(pool), (spec.lm_batch,), generator=gen).tolist()
-        batch = [replace(pool[i], asked=questions(rng, pool[i].objects)) for i in drawn]
+        batch = [replace(pool[i], drill=every_question(rng, pool[i].objects))
+                 if spec.every_question else replace(pool[i], asked=questions(rng, pool[i].objects))
+                 for i in drawn]
         feats = pool_feats[drawn].float()
         draw = torch.rand((), generator=gen).item()
         if step < spec.full_until * spec.lm_steps or draw < spec.full_share:
@@ -289,7 +326,7 @@ def train(out_dir: str | Path, spec: ShapesSpec = PRESETS["full"], threads: int 
     held_out = scenes(random.Random(f"shapes-held-out-{spec.seed}"), spec.eval_images)
     rng = random.Random(f"shapes-train-{spec.seed}")
     log: dict = {}
-    train_vision(model, spec, rng, log)
+    train_vision(model, spec, rng, held_out, log)
     train_language(model, tokenizer, spec, rng, held_out, log)
     final = {
         "full": accuracy(model, tokenizer, *held_out),
@@ -303,7 +340,7 @@ def train(out_dir: str | Path, spec: ShapesSpec = PRESETS["full"], threads: int 
     report = {"spec": asdict(spec), "threads": torch.get_num_threads(),
               "torch": torch.__version__, "wall_s": round(time.perf_counter() - started, 1),
               "held_out_images": spec.eval_images, "final": final,
-              "held_out": log.get("held_out", []),
+              "vision_held_out": log["vision_held_out"], "held_out": log.get("held_out", []),
               "vision_loss_last": log["vision_loss"][-20:], "lm_loss_last": log["lm_loss"][-20:]}
     (out / "idselect_training.json").write_text(json.dumps(report, indent=2) + "\n")
     save_model(model, out, spec_json, processor)

@@ -47,7 +47,7 @@ class Packed:
         suffixes: list[list[tuple[list[int], int, str]]] = []  # (ids, answer start, kind)
         for scene in batch:
             rows = []
-            asked = list(scene.asked.items())
+            asked = list(scene.asked.items()) if scene.drill is None else list(scene.drill)
             if captions:
                 asked.append(("caption", (CAPTION_QUESTION, caption(scene.objects))))
             for kind, (question, answer) in asked:

@@ -107,3 +107,29 @@ def test_every_kind_is_asked_only_where_it_has_one_answer():
         colors = [o.color for o in objects]
         assert ("color" in asked) == any(shapes.count(s) == 1 for s in shapes)
         assert ("shape" in asked) == any(colors.count(c) == 1 for c in colors)
+
+
+def test_the_training_drill_asks_each_object_and_answers_right():
+    """`shapes_data.every_question`, stage 2's dense questions: the benchmark's templates, one
+    right answer each, every object's colour and shape where they single it out, and as many
+    absent pairs as present ones asked."""
+    from benchmarks.shapes_data import every_question
+
+    rng = random.Random(3)
+    for _ in range(200):
+        _, objects = make_item(rng)
+        drill = every_question(rng, objects)
+        records = [o.as_dict() for o in objects]
+        for kind, (question, answer) in drill:
+            match = TEMPLATES[kind].fullmatch(question)
+            assert match, question
+            assert answer == _answer(kind, match, records), (question, answer, records)
+        kinds = [kind for kind, _ in drill]
+        shapes = [o.shape for o in objects]
+        colors = [o.color for o in objects]
+        assert kinds.count("color") == sum(shapes.count(s) == 1 for s in shapes)
+        assert kinds.count("shape") == sum(colors.count(c) == 1 for c in colors)
+        assert kinds.count("count") == 1
+        yes = [a for k, (_, a) in drill if k == "exists" and a == "yes"]
+        assert len(yes) == min(3, len(objects)) == kinds.count("exists") - len(yes)
+        assert kinds.count("relation") <= 3

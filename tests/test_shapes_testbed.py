@@ -52,6 +52,10 @@ def _binomial_tail(hits: int, n: int, p: float) -> float:
 def test_ci_model_learns_above_image_blind_answers(ci_model, held_out):
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
+    # Stage 1: the tower's patch features carry each object patch's colour (7 colours; its head
+    # reads them on held-out images, recorded in the checkpoint's training report).
+    heads = json.loads((ci_model / "idselect_training.json").read_text())["vision_held_out"]
+    assert heads[-1]["step"] == CI.vision_steps and heads[-1]["patch_colour"] > 0.8, heads
     model = LlavaForConditionalGeneration.from_pretrained(ci_model).eval()
     tokenizer = AutoProcessor.from_pretrained(ci_model).tokenizer
     pixels, scenes = held_out
