@@ -158,6 +158,12 @@ def patch_coverage(objects: list[dict] | list[Shape], patch: int = PATCH):
     return out
 
 
+def relation_pairs(objects: list[Shape]) -> list[tuple[Shape, Shape]]:
+    """Ordered pairs of objects far enough apart in x for "left or right of" to have one answer."""
+    return [(a, b) for a in objects for b in objects
+            if a is not b and abs(a.centre_x - b.centre_x) >= RELATION_MARGIN]
+
+
 def questions(rng: random.Random, objects: list[Shape]) -> dict[str, tuple[str, str]]:
     """kind -> (question, answer) for one image, for every kind with one right answer."""
     out: dict[str, tuple[str, str]] = {"count": ("How many shapes are there?", str(len(objects)))}
@@ -176,8 +182,7 @@ def questions(rng: random.Random, objects: list[Shape]) -> dict[str, tuple[str, 
     if rng.random() < 0.5:
         shape, color = rng.choice(sorted(present))
     out["exists"] = (f"Is there a {color} {shape}?", "yes" if (shape, color) in present else "no")
-    pairs = [(a, b) for a in objects for b in objects
-             if a is not b and abs(a.centre_x - b.centre_x) >= RELATION_MARGIN]
+    pairs = relation_pairs(objects)
     if pairs:
         a, b = rng.choice(pairs)
         out["relation"] = (

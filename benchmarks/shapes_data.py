@@ -14,12 +14,12 @@ from dataclasses import dataclass
 from benchmarks.accuracy import SHORT_ANSWER  # the prompt the benchmark sends
 from benchmarks.make_shapes_dataset import (
     COLORS,
-    RELATION_MARGIN,
     SHAPES,
     SIZE,
     make_item,
     patch_coverage,
     questions,
+    relation_pairs,
 )
 
 GRID = 24  # patches per side
@@ -112,8 +112,7 @@ def every_question(rng: random.Random, objects, pairs_asked: int = 3) -> list:
     no = rng.sample(sorted(set(PAIRS) - set(present)), len(yes))
     out += [("exists", (f"Is there a {c} {s}?", answer))
             for (s, c), answer in [(p, "yes") for p in yes] + [(p, "no") for p in no]]
-    pairs = [(a, b) for a in objects for b in objects
-             if a is not b and abs(a.centre_x - b.centre_x) >= RELATION_MARGIN]
+    pairs = relation_pairs(objects)
     for a, b in rng.sample(pairs, min(pairs_asked, len(pairs))):
         out.append(("relation", (
             f"Is the {a.color} {a.shape} left or right of the {b.color} {b.shape}?",

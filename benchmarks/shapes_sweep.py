@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> dict:
         pixels_of,
         vision_targets,
     )
+    from benchmarks.shapes_model import ShapesSpec
     from benchmarks.shapes_reading import first_answers
     from idselect.baselines import get_selector
 
@@ -69,8 +70,8 @@ def main(argv: list[str] | None = None) -> dict:
     kinds = np.array([item["kind"] for item in items])
     counts = np.array([len(item["objects"]) for item in items])
     training = Path(args.model) / "idselect_training.json"
-    bins = (json.loads(training.read_text())["spec"].get("position_bins", 12)
-            if training.exists() else 12)
+    spec = json.loads(training.read_text())["spec"] if training.exists() else {}
+    bins = spec.get("position_bins", ShapesSpec.position_bins)
     probe_x: list = []
     probe_y: dict[str, list] = {"colour": [], "shape": [], "column": []}
     probe_half: list = []
@@ -100,7 +101,8 @@ def main(argv: list[str] | None = None) -> dict:
         probe_x.append(features[on])
         for name in probe_y:
             probe_y[name].append(labels[name][on])
-        probe_half.append(torch.full((int(on.sum()),), at < len(items) // 2))
+        image = at + on.nonzero()[:, 0]  # the question's index, per object patch
+        probe_half.append(image < len(items) // 2)
         for k in budgets:
             picks: dict[str, list] = {
                 name: [selector(f, s, k).sort().values for f, s in zip(features, scores,
