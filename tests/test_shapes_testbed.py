@@ -73,7 +73,7 @@ def test_ci_model_learns_above_image_blind_answers(ci_model, held_out):
 
 
 def test_training_is_deterministic(tmp_path):
-    quick = replace(CI, vision_steps=3, lm_steps=3, eval_images=4)
+    quick = replace(CI, vision_steps=3, lm_steps=3, eval_images=4, lm_pool=64)
 
     def digest(path: Path) -> str:
         return hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()
@@ -83,6 +83,14 @@ def test_training_is_deterministic(tmp_path):
     mtime = (first / "model.safetensors").stat().st_mtime_ns
     assert sm.train(first, quick) == first  # same spec: reused, not retrained
     assert (first / "model.safetensors").stat().st_mtime_ns == mtime
+    # A spec that changes stage 2 only retrains stage 2, from the kept tower, into the checkpoint
+    # a run from scratch writes.
+    tower = first.with_name("a.stage1") / "stage1.pt"
+    tower_mtime = tower.stat().st_mtime_ns
+    longer = replace(quick, lm_steps=4, lm_lr=1e-3)
+    assert digest(sm.train(first, longer)) == digest(sm.train(tmp_path / "c", longer))
+    assert tower.stat().st_mtime_ns == tower_mtime
+    assert digest(first) != digest(second)
 
 
 @pytest.mark.engine
