@@ -82,7 +82,7 @@ class ShapesSpec:
     vision_lr: float = 1e-3
     lm_steps: int = 2000
     lm_batch: int = 16
-    lm_lr: float = 2e-3
+    lm_lr: float = 5e-4
     # Stage 2 draws its images from a pool whose frozen-tower features are computed once (the
     # tower's forward pass would cost about as much as the LM's step); each draw asks fresh
     # questions of the image.
