@@ -32,7 +32,7 @@ tiny-model: venv
 clean:
 	rm -rf $(VENV) models .pytest_cache .ruff_cache .hypothesis
 
-## The accuracy test bed (issue 15): a LLaVA-1.5-architecture model trained here (about 50 minutes on 2 cores).
+## The accuracy test bed (issue 15): a LLaVA-1.5-architecture model trained here (about an hour on 2 cores).
 shapes-model: venv
 	$(PY) -m benchmarks.shapes_model models/shapes-llava
 

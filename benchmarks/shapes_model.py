@@ -1,6 +1,6 @@
 """Train the shapes test bed: a LLaVA-1.5-architecture VLM that really answers questions.
 
-    make shapes-model           # writes models/shapes-llava (about 50 minutes on 2 cores)
+    make shapes-model           # writes models/shapes-llava (about an hour on 2 cores)
     python -m benchmarks.shapes_model DIR [--preset full|ci] [--threads N]
 
 The checkpoint is an ordinary `LlavaForConditionalGeneration` directory (CLIP-ViT/14-336: 576
@@ -308,7 +308,7 @@ def train_language(model, tokenizer, spec: ShapesSpec, rng: random.Random, held_
 
 
 # The fields only stage 2 reads: a spec that differs from an earlier one in these alone reuses
-# that run's trained tower (stage 1 is about 11 of the full preset's ~47 minutes).
+# that run's trained tower (stage 1 is about 12 of the full preset's ~58 minutes).
 LANGUAGE_STAGE_FIELDS = ("lm_steps", "lm_batch", "lm_lr", "lm_pool", "full_until", "full_share",
                          "caption", "every_question")
 
