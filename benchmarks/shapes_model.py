@@ -308,7 +308,7 @@ def train_language(model, tokenizer, spec: ShapesSpec, rng: random.Random, held_
 
 
 # The fields only stage 2 reads: a spec that differs from an earlier one in these alone reuses
-# that run's trained tower (stage 1 is about 12 of the full preset's ~58 minutes).
+# that run's trained tower (stage 1 is about a quarter of the full preset's 46-58 minutes).
 LANGUAGE_STAGE_FIELDS = ("lm_steps", "lm_batch", "lm_lr", "lm_pool", "full_until", "full_share",
                          "caption", "every_question")
 
