@@ -33,8 +33,9 @@ clean:
 	rm -rf $(VENV) models .pytest_cache .ruff_cache .hypothesis
 
 ## The accuracy test bed (issue 15): a LLaVA-1.5-architecture model trained here (about an hour on 2 cores).
+## SHAPES_ARGS changes its schedule (`--lm-steps N`, ...): give `make accuracy` the same to use that model.
 shapes-model: venv
-	$(PY) -m benchmarks.shapes_model models/shapes-llava
+	$(PY) -m benchmarks.shapes_model models/shapes-llava $(SHAPES_ARGS)
 
 ## Accuracy retention on the test bed: 1,000 held-out questions through `idselect serve`, budgets
 ## x selectors x question kinds, then the validity checks and targets (docs/performance.md).

@@ -1,7 +1,7 @@
 """Train the shapes test bed: a LLaVA-1.5-architecture VLM that really answers questions.
 
     make shapes-model           # writes models/shapes-llava (about an hour on 2 cores)
-    python -m benchmarks.shapes_model DIR [--preset full|ci] [--threads N]
+    python -m benchmarks.shapes_model DIR [--preset full|ci] [--threads N] [--device cpu|cuda]
 
 The checkpoint is an ordinary `LlavaForConditionalGeneration` directory (CLIP-ViT/14-336: 576
 patch tokens + [CLS], features from the penultimate layer, 2-layer MLP projector, Llama LM, a
@@ -193,8 +193,9 @@ def train_vision(model, spec: ShapesSpec, rng: random.Random, held_out, log) -> 
         for group in opt.param_groups:
             group["lr"] = schedule(step, spec.vision_steps, spec.vision_lr)
         pixels, batch = scenes(rng, spec.vision_batch)
-        targets = vision_targets(batch, spec.position_bins)
-        x = feature_layer(model, pixels)
+        targets = {k: v.to(model.device) for k, v in
+                   vision_targets(batch, spec.position_bins).items()}
+        x = feature_layer(model, pixels.to(model.device))
         cls, patches = x[:, 0], x[:, 1:]
         on = targets["colour"] > 0
         patch_loss = 0.0
@@ -227,9 +228,10 @@ def head_accuracy(model, heads, spec: ShapesSpec, pixels, batch: list[Scene]) ->
     the present (shape, colour) pairs (all of an image's pairs right)."""
     import torch
 
-    targets = vision_targets(batch, spec.position_bins)
+    targets = {k: v.to(model.device) for k, v in vision_targets(batch, spec.position_bins).items()}
     with torch.inference_mode():
-        x = torch.cat([feature_layer(model, pixels[at:at + 25]) for at in range(0, len(batch), 25)])
+        x = torch.cat([feature_layer(model, pixels[at:at + 25].to(model.device))
+                       for at in range(0, len(batch), 25)])
         cls, patches = x[:, 0], x[:, 1:]
         on = targets["colour"] > 0
         out = {f"patch_{name}": float((heads[name](patches[on]).argmax(-1)
@@ -246,14 +248,15 @@ def feature_pool(model, spec: ShapesSpec, rng: random.Random):
     import torch
     from tqdm import tqdm
 
-    feats = torch.empty(spec.lm_pool, PATCHES, spec.vision_hidden, dtype=torch.float16)
+    feats = torch.empty(spec.lm_pool, PATCHES, spec.vision_hidden, dtype=torch.float16,
+                        device=model.device)
     pool: list[Scene] = []
     chunk = 32
     with torch.inference_mode():
         for at in tqdm(range(0, spec.lm_pool, chunk), desc="2/2 tower features", file=sys.stderr,
                        mininterval=2, dynamic_ncols=True):
             pixels, batch = scenes(rng, min(chunk, spec.lm_pool - at))
-            feats[at:at + len(batch)] = feature_layer(model, pixels)[:, 1:].half()
+            feats[at:at + len(batch)] = feature_layer(model, pixels.to(model.device))[:, 1:].half()
             pool += batch
     return feats, pool
 
@@ -291,7 +294,7 @@ def train_language(model, tokenizer, spec: ShapesSpec, rng: random.Random, held_
                                                          generator=gen).item()))
         feats = gather(feats, keep_indices(mode, k, batch, gen))
         packed = Packed(model, tokenizer, feats, batch, with_answers=True, captions=spec.caption)
-        labels = torch.tensor([t[2] for t in packed.targets])
+        labels = torch.tensor([t[2] for t in packed.targets], device=model.device)
         loss = F.cross_entropy(packed.logits(model), labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -323,7 +326,7 @@ def vision_stage(model, spec: ShapesSpec, rng: random.Random, held_out, log, cac
                      sort_keys=True)
     tower = model.model.vision_tower
     if (cache / "key.json").exists() and (cache / "key.json").read_text() == key:
-        saved = torch.load(cache / "stage1.pt", weights_only=False)
+        saved = torch.load(cache / "stage1.pt", map_location="cpu", weights_only=False)
         tower.load_state_dict(saved["tower"])
         rng.setstate(saved["rng"])
         torch.set_rng_state(saved["torch_rng"])
@@ -339,8 +342,10 @@ def vision_stage(model, spec: ShapesSpec, rng: random.Random, held_out, log, cac
 
 
 def train(out_dir: str | Path, spec: ShapesSpec = PRESETS["full"], threads: int | None = None,
-          ) -> Path:
-    """Train (or reuse) the shapes model in `out_dir`; return the directory."""
+          device: str = "cpu") -> Path:
+    """Train (or reuse) the shapes model in `out_dir` on torch device `device`; return the
+    directory. The data (images, questions, kept patches) come from the same seeded streams on
+    any device; the weights match across devices only as far as their float reductions do."""
     import torch
 
     from idselect.tiny_checkpoint import already_written, save_model
@@ -354,6 +359,7 @@ def train(out_dir: str | Path, spec: ShapesSpec = PRESETS["full"], threads: int 
         torch.set_num_threads(threads)
     started = time.perf_counter()
     model, processor = build(spec)
+    model.to(device)  # initialised on the CPU from the seed, whatever the device
     tokenizer = processor.tokenizer
     held_out = scenes(random.Random(f"shapes-held-out-{spec.seed}"), spec.eval_images)
     rng = random.Random(f"shapes-train-{spec.seed}")
@@ -369,7 +375,9 @@ def train(out_dir: str | Path, spec: ShapesSpec = PRESETS["full"], threads: int 
         print(f"held-out accuracy, {name}: " + " ".join(f"{k}={v:.2f}" for k, v in acc.items()),
               file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
-    report = {"spec": asdict(spec), "threads": torch.get_num_threads(),
+    model.to("cpu")
+    report = {"spec": asdict(spec), "device": device_name(device),
+              "threads": torch.get_num_threads(),
               "torch": torch.__version__, "wall_s": round(time.perf_counter() - started, 1),
               "held_out_images": spec.eval_images, "final": final,
               "vision_held_out": log["vision_held_out"], "held_out": log.get("held_out", []),
@@ -380,21 +388,40 @@ def train(out_dir: str | Path, spec: ShapesSpec = PRESETS["full"], threads: int 
     return out
 
 
+def device_name(device: str) -> str:
+    import torch
+
+    d = torch.device(device)
+    return torch.cuda.get_device_name(d) if d.type == "cuda" else d.type
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("directory")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="full")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    parser.add_argument("--device", default="cpu",
+                        help="torch device to train on: cpu (default) or cuda[:N]")
     parser.add_argument("--vision-steps", type=int, default=None)
     parser.add_argument("--lm-steps", type=int, default=None)
     args = parser.parse_args(argv)
+    import torch
+
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as exc:
+        parser.error(f"--device {args.device}: {exc}")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device {args.device}: only cpu and cuda are supported")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: torch sees no CUDA device here")
     spec = replace(PRESETS[args.preset], seed=args.seed)
     if args.vision_steps is not None:
         spec = replace(spec, vision_steps=args.vision_steps)
     if args.lm_steps is not None:
         spec = replace(spec, lm_steps=args.lm_steps)
-    train(args.directory, spec, args.threads)
+    train(args.directory, spec, args.threads, args.device)
 
 
 if __name__ == "__main__":

@@ -84,27 +84,29 @@ class Packed:
         causal = torch.ones(total, total, dtype=torch.bool).tril()
         allowed = causal & ((key == -1) | (key == query))
         allowed |= torch.eye(total, dtype=torch.bool)  # padding rows attend to themselves
-        embeds = embed(ids)
+        device = features.device
+        embeds = embed(ids.to(device))
         image = model.model.multi_modal_projector(features)
         embeds = torch.cat([embeds[:, :p], image, embeds[:, p + k:]], dim=1)
         # An additive mask: SDPA on CPU turns a boolean one into this in every layer.
-        mask = torch.zeros(allowed.shape, dtype=embeds.dtype).masked_fill_(~allowed, -math.inf)
-        self.embeds, self.mask, self.positions = embeds, mask[:, None], positions
+        mask = torch.zeros(allowed.shape, dtype=embeds.dtype, device=device).masked_fill_(
+            ~allowed.to(device), -math.inf)
+        self.embeds, self.mask, self.positions = embeds, mask[:, None], positions.to(device)
 
     def logits(self, model):
         import torch
 
         out = model.model.language_model(inputs_embeds=self.embeds, attention_mask=self.mask,
                                          position_ids=self.positions)
-        rows = torch.tensor([t[0] for t in self.targets])
-        cols = torch.tensor([t[1] for t in self.targets])
+        rows = torch.tensor([t[0] for t in self.targets], device=self.embeds.device)
+        cols = torch.tensor([t[1] for t in self.targets], device=self.embeds.device)
         return model.lm_head(out.last_hidden_state[rows, cols])
 
 
 def gather(features, keep: list):
     import torch
 
-    return torch.stack([f[i] for f, i in zip(features, keep, strict=True)])
+    return torch.stack([f[i.to(f.device)] for f, i in zip(features, keep, strict=True)])
 
 
 def first_answers(model, tokenizer, pixels, batch: list[Scene], keep_mode="full", k=PATCHES,
@@ -119,7 +121,7 @@ def first_answers(model, tokenizer, pixels, batch: list[Scene], keep_mode="full"
     with torch.inference_mode():
         for at in range(0, len(batch), chunk):
             part = batch[at:at + chunk]
-            feats = feature_layer(model, pixels[at:at + chunk])[:, 1:]
+            feats = feature_layer(model, pixels[at:at + chunk].to(model.device))[:, 1:]
             picked = (keep[at:at + chunk] if keep is not None
                       else keep_indices(keep_mode, k, part, gen))
             feats = gather(feats, picked)

@@ -93,6 +93,21 @@ def test_training_is_deterministic(tmp_path):
     assert digest(first) != digest(second)
 
 
+def test_device_flag_is_checked_before_any_training(tmp_path, capsys):
+    import torch
+
+    for device, why in [("meta", "only cpu and cuda are supported"),
+                        ("nonsense", "--device nonsense:")]:
+        with pytest.raises(SystemExit) as exited:
+            sm.main([str(tmp_path / "m"), "--device", device])
+        assert exited.value.code == 2 and why in capsys.readouterr().err
+    if not torch.cuda.is_available():  # the CI machines: a clear refusal, not a CUDA trace
+        with pytest.raises(SystemExit):
+            sm.main([str(tmp_path / "m"), "--device", "cuda"])
+        assert "torch sees no CUDA device here" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
+
+
 @pytest.mark.engine
 def test_served_ci_model_answers_as_trained_and_selectors_change_answers(ci_model, tmp_path):
     from transformers import AutoProcessor, LlavaForConditionalGeneration
