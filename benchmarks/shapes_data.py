@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from benchmarks.accuracy import SHORT_ANSWER  # the prompt the benchmark sends
 from benchmarks.make_shapes_dataset import (
     COLORS,
+    PATCH,
+    RELATION_MARGIN,
     SHAPES,
     SIZE,
     make_item,
@@ -28,8 +30,9 @@ COLOR_NAMES = sorted(COLORS)
 PAIRS = [(s, c) for s in SHAPES for c in COLOR_NAMES]
 # A patch belongs to the object covering at least this share of it (else: background).
 PATCH_OWNER_SHARE = 0.25
-# The training-only description asked of every image (never asked by the benchmark).
-CAPTION_QUESTION = "List the shapes from left to right."
+# A training-only drill (never asked by the benchmark): the relation question with the image's
+# vertical centre line in its first slot (see `centre_drills`).
+CENTRE_QUESTION = "Is the image centre left or right of the {color} {shape}?"
 
 
 def corpus() -> list[str]:
@@ -43,15 +46,9 @@ def corpus() -> list[str]:
     lines += [f"USER: Is there a {c} {s}? ASSISTANT: yes no" for s in SHAPES for c in COLOR_NAMES]
     lines += [f"Is the {c} {s} left or right of the {c} {s}? left right"
               for s in SHAPES for c in COLOR_NAMES]
-    lines += [f"USER: {CAPTION_QUESTION}\n{SHORT_ANSWER}\nASSISTANT: 2 {c} {s} {c} {s}</s>"
+    lines += [CENTRE_QUESTION.format(color=c, shape=s) + " left right"
               for s in SHAPES for c in COLOR_NAMES]
     return lines * 4 + [" ".join(words)] * 20
-
-
-def caption(objects) -> str:
-    """The count, then every object as "<colour> <shape>", left to right."""
-    ordered = sorted(objects, key=lambda o: o.centre_x)
-    return " ".join([str(len(objects)), *(f"{o.color} {o.shape}" for o in ordered)])
 
 
 def user_prompt(tokenizer, question: str) -> tuple[list[int], list[int]]:
@@ -121,6 +118,22 @@ def every_question(rng: random.Random, objects, pairs_asked: int = 3) -> list:
     return out
 
 
+def centre_drills(rng: random.Random, objects, most: int = 4) -> list:
+    """("centre", (question, answer)) for up to `most` objects at least half the relation margin
+    from the vertical centre line: "Is the image centre left or right of the <colour> <shape>?".
+
+    Why: a relation's answer flips with the order in which its two objects are named, so neither
+    object alone says anything about it, and a small LM learning from scratch sits at chance on it
+    (it did for 8,000 steps, even reading ideal patch features). This drill is the relation
+    question with a fixed landmark in the first slot: its answer follows from where the object
+    named in the second slot lies, which the LM learns at once; relations, which then need only
+    the first slot's object as well, follow within a few hundred steps."""
+    clear = [o for o in objects if abs(o.centre_x - SIZE / 2) >= RELATION_MARGIN / 2]
+    return [("centre", (CENTRE_QUESTION.format(color=o.color, shape=o.shape),
+                        "left" if o.centre_x > SIZE / 2 else "right"))
+            for o in rng.sample(clear, min(most, len(clear)))]
+
+
 def scenes(rng: random.Random, n: int):
     images, out = [], []
     for _ in range(n):
@@ -130,21 +143,31 @@ def scenes(rng: random.Random, n: int):
     return pixels_of(images), out
 
 
+def centre_patch(o) -> int:
+    """The patch under the centre of an object's box (inside every shape of the task)."""
+    x0, y0, x1, y1 = o.box
+    row, col = int((y0 + y1) / 2 // PATCH), int((x0 + x1) / 2 // PATCH)
+    return row * GRID + col
+
+
 def vision_targets(batch: list[Scene], position_bins: int):
-    """[CLS]: pair presence (multi-label) and count; patches: colour, shape and the bin of the
-    object's centre x (0 = no object)."""
+    """[CLS]: pair presence (multi-label) and count; patches: colour, shape, the bin of the
+    object's centre x (0 = no object) and that centre x itself (-1 left edge .. 1 right edge),
+    and which patches are an object's centre patch (`centre_patch`)."""
     import numpy as np
     import torch
-
 
     present = torch.zeros(len(batch), len(PAIRS))
     count = torch.tensor([len(s.objects) - 1 for s in batch])
     colour = torch.zeros(len(batch), PATCHES, dtype=torch.long)
     shape = torch.zeros(len(batch), PATCHES, dtype=torch.long)
     column = torch.zeros(len(batch), PATCHES, dtype=torch.long)
+    centre_x = torch.zeros(len(batch), PATCHES)
+    centre = torch.zeros(len(batch), PATCHES)
     for b, scene in enumerate(batch):
         for o in scene.objects:
             present[b, PAIRS.index((o.shape, o.color))] = 1
+            centre[b, centre_patch(o)] = 1
         if scene.objects:
             cov = scene.coverage.reshape(len(scene.objects), PATCHES)
             owner, share = cov.argmax(0), cov.max(0)
@@ -153,13 +176,17 @@ def vision_targets(batch: list[Scene], position_bins: int):
                 colour[b, p] = COLOR_NAMES.index(o.color) + 1
                 shape[b, p] = SHAPES.index(o.shape) + 1
                 column[b, p] = min(int(o.centre_x * position_bins / SIZE), position_bins - 1) + 1
+                centre_x[b, p] = 2 * o.centre_x / SIZE - 1
     return {"present": present, "count": count, "colour": colour, "shape": shape,
-            "column": column}
+            "column": column, "centre_x": centre_x, "centre": centre}
 
 
 def keep_indices(mode: str, k: int, batch: list[Scene], gen) -> list:
-    """Patch indices (ascending) per image: all, random, biased to object patches, or the oracle
-    (round-robin over the objects, each object's most-covered patches first)."""
+    """`k` patch indices (ascending) per image: all (`full`), `random`, `objects` (a random
+    number of object patches, the rest random), `centres` (each object's centre patch first),
+    `object_patches` (object patches first), or the `oracle` (round-robin over the objects,
+    each object's centre patch first, then its most-covered patches, nearest the centre among
+    equals); where a mode's own picks are fewer than `k`, random patches fill up."""
     import torch
 
     out = []
@@ -168,7 +195,14 @@ def keep_indices(mode: str, k: int, batch: list[Scene], gen) -> list:
             out.append(torch.arange(PATCHES))
             continue
         order = torch.randperm(PATCHES, generator=gen)
-        if mode == "objects" and scene.objects:
+        if mode in ("centres", "object_patches") and scene.objects:
+            if mode == "centres":
+                first = torch.tensor(sorted({centre_patch(o) for o in scene.objects}))
+            else:
+                covered = torch.from_numpy(scene.coverage.reshape(len(scene.objects), -1).max(0))
+                first = order[covered[order] >= PATCH_OWNER_SHARE]
+            order = torch.cat([first, order[~torch.isin(order, first)]])
+        elif mode == "objects" and scene.objects:
             covered = torch.from_numpy(scene.coverage.reshape(len(scene.objects), -1).max(0))
             on = order[covered[order] >= PATCH_OWNER_SHARE]
             m = int(torch.randint(0, min(k, len(on)) + 1, (1,), generator=gen))
@@ -176,7 +210,17 @@ def keep_indices(mode: str, k: int, batch: list[Scene], gen) -> list:
             order = torch.cat([on[:m], rest])
         elif mode == "oracle" and scene.objects:
             cov = torch.from_numpy(scene.coverage.reshape(len(scene.objects), -1))
-            ranked = [c.argsort(descending=True, stable=True) for c in cov]
+            # Each object's centre patch first, then its most-covered patches (coverage comes in
+            # steps of 1/196 and distances below that break ties only: among equally covered
+            # patches, the one nearest the centre).
+            rows, cols = torch.arange(PATCHES) // GRID, torch.arange(PATCHES) % GRID
+            ranked = []
+            for c, o in zip(cov, scene.objects, strict=True):
+                centre = centre_patch(o)
+                far = ((rows - centre // GRID) ** 2 + (cols - centre % GRID) ** 2).float().sqrt()
+                key = c - far / (2 * GRID * PATCH * PATCH)
+                key[centre] = 2.0  # above any coverage
+                ranked.append(key.argsort(descending=True, stable=True))
             picked: list[int] = []
             for rank in range(PATCHES):
                 for r in ranked:

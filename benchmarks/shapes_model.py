@@ -1,6 +1,6 @@
 """Train the shapes test bed: a LLaVA-1.5-architecture VLM that really answers questions.
 
-    make shapes-model           # writes models/shapes-llava (about an hour on 2 cores)
+    make shapes-model           # writes models/shapes-llava (about 90 minutes on 2 cores)
     python -m benchmarks.shapes_model DIR [--preset full|ci] [--threads N] [--device cpu|cuda]
 
 The checkpoint is an ordinary `LlavaForConditionalGeneration` directory (CLIP-ViT/14-336: 576
@@ -14,30 +14,36 @@ LLaVA-1.5 checkpoint. It is trained from seeds on the task of `benchmarks.make_s
    layer (the penultimate one, the layer LLaVA-1.5 reads and whose [CLS] attention ID-Selection
    scores): a [CLS] head predicts which (shape, colour) pairs are present and how many shapes
    there are (so [CLS] attends to the objects), and per-patch heads predict the colour, the shape
-   and the horizontal position (centre-x bin) of the object under each patch (so every patch of
-   an object carries what and where it is, not only its edges).
+   and the horizontal position (centre-x bin and centre x) of the object under each patch, and
+   which patch lies under an object's centre (so every patch of an object carries what and where
+   it is, and each object has one patch that stands for it).
 2. Projector + language model, the tower frozen, on a pool of `lm_pool` images whose features are
    computed once (each draw asks the image fresh questions). Every image comes with the questions
    the task can ask of it (`shapes_data.every_question`: each object's colour and shape, several
-   pairs and relations, the count) and a training-only description ("List the shapes from left to
-   right." -> "3 red square blue circle ..."), which supervises binding, order and count on every
-   object, as LLaVA's captioning stage does; all are packed into one sequence (each question sees
-   the image and itself only, with the positions it would have alone), and the loss is on the answer
-   words and `</s>`. The first half of the steps show all 576 patch tokens; after that, 60% of the
-   steps show sparse subsets (in raster order, as the plugin keeps them): random ones and ones
-   biased to object patches, K log-uniform in [8, 576]. A test bed must not confound "which tokens
-   carry the answer" with "this LM has never seen fewer than 576 tokens": LLaVA-1.5 is not trained
-   so, and docs/performance.md says what that means.
+   pairs and relations, the count) and training-only drills (`shapes_data.centre_drills`: "Is the
+   image centre left or right of the <colour> <shape>?"), all packed into one sequence (each
+   question sees the image and itself only, with the positions it would have alone); the loss is on
+   the answer words and `</s>`, plus half as much on the questions' own words, plus a linear head's
+   reading of each patch's colour and shape from the projector's output (training only, so that the
+   projector keeps colour). The LM reads few tokens first: each object's centre patch (8 tokens)
+   for a quarter of the steps, every object patch (128) for the next quarter, then all 576 in half
+   of the steps and sparse subsets (in raster order, as the plugin keeps them: random ones and ones
+   biased to object patches, K log-uniform in [8, 576]) in the rest. Why each piece is there is in
+   docs/performance.md: with 576 tokens from the start and no drill, existence and relation stayed
+   at chance. A test bed must not confound "which tokens carry the answer" with "this LM has never
+   seen fewer than 576 tokens": LLaVA-1.5 is not trained so, and docs/performance.md says what that
+   means.
 
 Progress shows as a bar with the loss. As it goes, stage 1 prints what its heads read from the
-feature layer of held-out images (per object patch: colour, shape, centre-x bin; per image:
-count, all present pairs right) and stage 2 the held-out accuracy per question kind (first
-answer token, greedy, all 576 tokens); at the end, the latter also for K=16 with the patches that
-cover the objects (the oracle) and with random patches. `idselect_training.json` in DIR keeps the
-spec, that history and the wall time. Deterministic from the seed for a given machine and thread
-count (CPU matmul reductions may differ across thread counts); a second run with the same spec
-reuses DIR. Stage 1's result is kept beside DIR (`DIR.stage1`), so a run that changes only
-stage 2's fields (`LANGUAGE_STAGE_FIELDS`) trains only stage 2.
+feature layer of held-out images (per object patch: colour, shape, centre-x bin and error; centre
+patches found; per image: count, all present pairs right) and stage 2 the held-out accuracy per
+question kind (first answer token, greedy, all 576 tokens); at the end, the latter also for K=16
+with the patches that cover the objects (the oracle) and with random patches.
+`idselect_training.json` in DIR keeps the spec, that history and the wall time. Deterministic from
+the seed for a given machine and thread count (CPU matmul reductions may differ across thread
+counts); a second run with the same spec reuses DIR. Stage 1's result is kept beside DIR
+(`DIR.stage1`), so a run that changes only stage 2's fields (`LANGUAGE_STAGE_FIELDS`) trains only
+stage 2.
 """
 
 from __future__ import annotations
@@ -51,12 +57,13 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from benchmarks.make_shapes_dataset import MAX_OBJECTS, SHAPES, questions
+from benchmarks.make_shapes_dataset import MAX_OBJECTS, SHAPES, SIZE
 from benchmarks.shapes_data import (
     COLOR_NAMES,
     PAIRS,
     PATCHES,
     Scene,
+    centre_drills,
     corpus,
     every_question,
     keep_indices,
@@ -80,26 +87,41 @@ class ShapesSpec:
     vision_steps: int = 1500
     vision_batch: int = 16
     vision_lr: float = 1e-3
-    lm_steps: int = 2000
+    lm_steps: int = 3000
     lm_batch: int = 16
-    lm_lr: float = 5e-4
+    lm_lr: float = 1e-3
     # Stage 2 draws its images from a pool whose frozen-tower features are computed once (the
     # tower's forward pass would cost about as much as the LM's step); each draw asks fresh
     # questions of the image.
     lm_pool: int = 16000
-    # The LM sees all 576 tokens for the first `full_until` of its steps (it learns to read the
-    # image), then a `full_share` of steps (it learns to read sparse subsets as well).
-    full_until: float = 0.5
-    full_share: float = 0.4
-    # Dense supervision of binding and order, as LLaVA's captioning stage gives it: each training
-    # image is also described (`caption`), and every object patch learns its object's horizontal
-    # position (`position_bins` bins of the centre x) besides its colour and shape.
-    caption: bool = True
+    # What the LM reads, by share of its steps: each object's centre patch (plus random ones, 8
+    # tokens in all) until `centres_until`, every object patch first (128 tokens) until
+    # `objects_until`, then all 576 tokens in a `full_share` of the steps and sparse subsets
+    # (random, or biased to object patches; K log-uniform in [8, 576]) in the rest. Few tokens
+    # first: with 576 tokens from the start, the questions that need one object found by name
+    # (existence, relation) stayed at chance; on a handful of tokens the LM finds them in a few
+    # hundred steps and keeps them as the image fills up (docs/performance.md).
+    centres_until: float = 0.25
+    objects_until: float = 0.5
+    full_share: float = 0.5
+    # Every object patch learns its object's horizontal position (`position_bins` bins of the
+    # centre x, and the centre x itself) besides its colour and shape; the patch under each
+    # object's centre learns that it is one (`centre_weight` weighs both).
     position_bins: int = 12
+    centre_weight: float = 1.0
     # Stage 2 asks each image every question it admits (`every_question`: each object's colour
     # and shape, up to three present pairs and as many absent, up to three relations, the
-    # count), not one per kind.
-    every_question: bool = True
+    # count), plus up to `centre_drills` training-only drills (`centre_drills`: where one named
+    # object lies against the image's centre line, the step that makes relations learnable).
+    centre_drills: int = 4
+    # The loss is on the answers, plus `question_loss` x the loss on the questions' own tokens
+    # (predicting "square" after "Is there a red" needs the image: it trains the lookup of an
+    # object by name where the name is read).
+    question_loss: float = 0.5
+    # Stage 2 also trains a linear head on the projector's output of every patch to tell the
+    # colour and the shape of the object under it (training only; `projector_labels` weighs its
+    # loss): without it, the projector squashed colour and the LM answered colour blind.
+    projector_labels: float = 1.0
     eval_images: int = 300
     eval_every: int = 500
     seed: int = 0
@@ -112,7 +134,7 @@ PRESETS = {
     "ci": ShapesSpec(vision_hidden=64, vision_layers=3, vision_heads=1, text_hidden=64,
                      text_layers=3, text_heads=1, vision_steps=300, vision_batch=8,
                      vision_lr=2e-3, lm_steps=1000, lm_batch=8, lm_lr=3e-3, lm_pool=4000,
-                     full_until=0.7, eval_images=150, eval_every=10**9),
+                     eval_images=150, eval_every=10**9),
 }
 
 
@@ -182,6 +204,7 @@ def train_vision(model, spec: ShapesSpec, rng: random.Random, held_out, log) -> 
         "colour": torch.nn.Linear(d, len(COLOR_NAMES) + 1),
         "shape": torch.nn.Linear(d, len(SHAPES) + 1),
         "column": torch.nn.Linear(d, spec.position_bins + 1),
+        "centre_x": torch.nn.Linear(d, 1), "centre": torch.nn.Linear(d, 1),
     })
     tower = model.model.vision_tower
     params = [*tower.parameters(), *heads.parameters()]
@@ -204,6 +227,13 @@ def train_vision(model, spec: ShapesSpec, rng: random.Random, held_out, log) -> 
             ce = F.cross_entropy(heads[name](patches).flatten(0, 1), target.flatten(),
                                  reduction="none").view_as(target)
             patch_loss = patch_loss + ce[on].mean() + 0.5 * ce[~on].mean()
+        cx = heads["centre_x"](patches).squeeze(-1)
+        centre = targets["centre"] > 0
+        bce = F.binary_cross_entropy_with_logits(heads["centre"](patches).squeeze(-1),
+                                                 targets["centre"], reduction="none")
+        patch_loss = patch_loss + spec.centre_weight * (
+            4 * F.mse_loss(cx[on], targets["centre_x"][on]) + bce[centre].mean()
+            + bce[~centre].mean())
         loss = (F.binary_cross_entropy_with_logits(heads["present"](cls), targets["present"])
                 + F.cross_entropy(heads["count"](cls), targets["count"]) + patch_loss)
         opt.zero_grad(set_to_none=True)
@@ -224,7 +254,8 @@ def train_vision(model, spec: ShapesSpec, rng: random.Random, held_out, log) -> 
 
 def head_accuracy(model, heads, spec: ShapesSpec, pixels, batch: list[Scene]) -> dict:
     """What the tower's feature layer carries, read by its training heads on held-out images:
-    the colour, shape and centre-x bin of the object under each object patch, the count and
+    the colour, shape and centre-x bin of the object under each object patch, the mean error of
+    its centre x (pixels), the centre patches (found, and false ones per image), the count and
     the present (shape, colour) pairs (all of an image's pairs right)."""
     import torch
 
@@ -237,6 +268,12 @@ def head_accuracy(model, heads, spec: ShapesSpec, pixels, batch: list[Scene]) ->
         out = {f"patch_{name}": float((heads[name](patches[on]).argmax(-1)
                                        == targets[name][on]).float().mean())
                for name in ("colour", "shape", "column")}
+        x = heads["centre_x"](patches[on]).squeeze(-1)
+        out["centre_x_px"] = float((x - targets["centre_x"][on]).abs().mean()) * SIZE / 2
+        found = heads["centre"](patches).squeeze(-1) > 0
+        centre = targets["centre"] > 0
+        out["centre_found"] = float(found[centre].float().mean())
+        out["centre_false_per_image"] = float((found & ~centre).sum()) / len(batch)
         out["count"] = float((heads["count"](cls).argmax(-1) == targets["count"]).float().mean())
         pairs = (heads["present"](cls) > 0) == (targets["present"] > 0.5)
         out["pairs"] = float(pairs.all(-1).float().mean())
@@ -261,10 +298,24 @@ def feature_pool(model, spec: ShapesSpec, rng: random.Random):
     return feats, pool
 
 
+def reading(spec: ShapesSpec, step: int, gen) -> tuple[str, int]:
+    """Which patches stage 2's step `step` reads: (`keep_indices` mode, K)."""
+    import torch
+
+    if step < spec.centres_until * spec.lm_steps:
+        return "centres", 8
+    if step < spec.objects_until * spec.lm_steps:
+        return "object_patches", 128
+    draw = torch.rand((), generator=gen).item()
+    if draw < spec.full_share:
+        return "full", PATCHES
+    k = int(math.exp(torch.empty(()).uniform_(math.log(8), math.log(PATCHES), generator=gen)))
+    return ("random" if draw < (1 + spec.full_share) / 2 else "objects"), k
+
+
 def train_language(model, tokenizer, spec: ShapesSpec, rng: random.Random, held_out, log,
                    ) -> None:
     import torch
-    import torch.nn.functional as F
     from tqdm import tqdm
 
     for p in model.model.vision_tower.parameters():
@@ -272,7 +323,10 @@ def train_language(model, tokenizer, spec: ShapesSpec, rng: random.Random, held_
     pool_feats, pool = feature_pool(model, spec, rng)
     params = [*model.model.multi_modal_projector.parameters(),
               *model.model.language_model.parameters(), *model.lm_head.parameters()]
-    opt = torch.optim.AdamW(params, lr=spec.lm_lr, weight_decay=0.01)
+    # created only when used (it draws from torch's RNG)
+    probe = projector_probe(spec, model.device) if spec.projector_labels else None
+    opt = torch.optim.AdamW(params + ([*probe.parameters()] if probe else []), lr=spec.lm_lr,
+                            weight_decay=0.01)
     gen = torch.Generator().manual_seed(spec.seed)
     bar = tqdm(range(spec.lm_steps), desc="2/2 projector + LM", file=sys.stderr, mininterval=2,
                dynamic_ncols=True)
@@ -281,27 +335,24 @@ def train_language(model, tokenizer, spec: ShapesSpec, rng: random.Random, held_
         for group in opt.param_groups:
             group["lr"] = schedule(step, spec.lm_steps, spec.lm_lr)
         drawn = torch.randint(0, len(pool), (spec.lm_batch,), generator=gen).tolist()
-        batch = [replace(pool[i], drill=every_question(rng, pool[i].objects))
-                 if spec.every_question else replace(pool[i], asked=questions(rng, pool[i].objects))
+        batch = [replace(pool[i], drill=every_question(rng, pool[i].objects)
+                         + centre_drills(rng, pool[i].objects, spec.centre_drills))
                  for i in drawn]
-        feats = pool_feats[drawn].float()
-        draw = torch.rand((), generator=gen).item()
-        if step < spec.full_until * spec.lm_steps or draw < spec.full_share:
-            mode, k = "full", PATCHES
-        else:
-            mode = "random" if draw < (1 + spec.full_share) / 2 else "objects"
-            k = int(math.exp(torch.empty(()).uniform_(math.log(8), math.log(PATCHES),
-                                                         generator=gen).item()))
-        feats = gather(feats, keep_indices(mode, k, batch, gen))
-        packed = Packed(model, tokenizer, feats, batch, with_answers=True, captions=spec.caption)
-        labels = torch.tensor([t[2] for t in packed.targets], device=model.device)
-        loss = F.cross_entropy(packed.logits(model), labels)
+        mode, k = reading(spec, step, gen)
+        feats = gather(pool_feats[drawn].float(), keep_indices(mode, k, batch, gen))
+        packed = Packed(model, tokenizer, feats, batch, with_answers=True)
+        loss, per_kind = packed.loss(model, spec.question_loss)
+        if probe is not None:
+            loss = loss + spec.projector_labels * projector_label_loss(model, probe, spec,
+                                                                       pool_feats[drawn], batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         bar.set_postfix(loss=f"{loss.item():.3f}", k=k, refresh=False)
         log.setdefault("lm_loss", []).append(round(loss.item(), 4))
+        for kind, value in per_kind.items():
+            log.setdefault("lm_loss_by_kind", {}).setdefault(kind, []).append(round(value, 4))
         if (step + 1) % spec.eval_every == 0 and step + 1 < spec.lm_steps:
             acc = accuracy(model, tokenizer, *held_out)
             log.setdefault("held_out", []).append({"step": step + 1, **acc})
@@ -310,10 +361,31 @@ def train_language(model, tokenizer, spec: ShapesSpec, rng: random.Random, held_
     model.eval()
 
 
+def projector_probe(spec: ShapesSpec, device="cpu"):
+    """The training-only linear head of `projector_label_loss`: colour (or none), shape (or
+    none) of the object under a patch, from the projector's output."""
+    import torch
+
+    return torch.nn.Linear(spec.text_hidden, len(COLOR_NAMES) + len(SHAPES) + 2, device=device)
+
+
+def projector_label_loss(model, probe, spec: ShapesSpec, features, batch: list[Scene]):
+    """Cross-entropy of `probe` reading, from the projector's output of every patch, the colour
+    and the shape of the object under it (0: none)."""
+    import torch.nn.functional as F
+
+    targets = vision_targets(batch, spec.position_bins)
+    read = probe(model.model.multi_modal_projector(features.float())).flatten(0, 1)
+    colours = len(COLOR_NAMES) + 1
+    return (F.cross_entropy(read[:, :colours], targets["colour"].flatten().to(read.device))
+            + F.cross_entropy(read[:, colours:], targets["shape"].flatten().to(read.device)))
+
+
 # The fields only stage 2 reads: a spec that differs from an earlier one in these alone reuses
-# that run's trained tower (stage 1 is about a quarter of the full preset's 46-58 minutes).
-LANGUAGE_STAGE_FIELDS = ("lm_steps", "lm_batch", "lm_lr", "lm_pool", "full_until", "full_share",
-                         "caption", "every_question")
+# that run's trained tower (stage 1 is about a fifth of the full preset's 90 minutes).
+LANGUAGE_STAGE_FIELDS = ("lm_steps", "lm_batch", "lm_lr", "lm_pool", "centres_until",
+                         "objects_until", "full_share", "centre_drills", "question_loss",
+                         "projector_labels")
 
 
 def vision_stage(model, spec: ShapesSpec, rng: random.Random, held_out, log, cache: Path) -> None:
@@ -381,7 +453,9 @@ def train(out_dir: str | Path, spec: ShapesSpec = PRESETS["full"], threads: int 
               "torch": torch.__version__, "wall_s": round(time.perf_counter() - started, 1),
               "held_out_images": spec.eval_images, "final": final,
               "vision_held_out": log["vision_held_out"], "held_out": log.get("held_out", []),
-              "vision_loss_last": log["vision_loss"][-20:], "lm_loss_last": log["lm_loss"][-20:]}
+              "vision_loss_last": log["vision_loss"][-20:], "lm_loss_last": log["lm_loss"][-20:],
+              "lm_loss_by_kind_last": {kind: losses[-20:] for kind, losses
+                                       in log.get("lm_loss_by_kind", {}).items()}}
     (out / "idselect_training.json").write_text(json.dumps(report, indent=2) + "\n")
     save_model(model, out, spec_json, processor)
     print(f"wrote {out} in {report['wall_s']:.0f}s", file=sys.stderr)

@@ -14,11 +14,9 @@ import math
 
 from benchmarks.make_shapes_dataset import KINDS
 from benchmarks.shapes_data import (
-    CAPTION_QUESTION,
     PATCHES,
     Scene,
     answer_ids,
-    caption,
     keep_indices,
     user_prompt,
 )
@@ -38,8 +36,7 @@ class Packed:
     """One sequence per image: the text before the image, K projected patch features, then each
     question's tokens (and answer), each question seeing the image and itself only."""
 
-    def __init__(self, model, tokenizer, features, batch: list[Scene], with_answers: bool,
-                 captions: bool = False):
+    def __init__(self, model, tokenizer, features, batch: list[Scene], with_answers: bool):
         import torch
 
         embed = model.model.language_model.get_input_embeddings()
@@ -48,8 +45,6 @@ class Packed:
         for scene in batch:
             rows = []
             asked = list(scene.asked.items()) if scene.drill is None else list(scene.drill)
-            if captions:
-                asked.append(("caption", (CAPTION_QUESTION, caption(scene.objects))))
             for kind, (question, answer) in asked:
                 head, tail = user_prompt(tokenizer, question)
                 before = head
@@ -67,6 +62,8 @@ class Packed:
         segment[:, p + k:] = -2
         ids[:, :p] = torch.tensor(before)
         self.targets: list[tuple[int, int, int, str, str]] = []  # (row, pos, token, kind, answer)
+        # Training only: the question's own tokens, each predicted from the ones before it.
+        self.text_targets: list[tuple[int, int, int]] = []  # (row, pos, token)
         for row, rows in enumerate(suffixes):
             at = p + k
             for q, (tokens, start, kind, answer) in enumerate(rows):
@@ -77,6 +74,7 @@ class Packed:
                 if with_answers:
                     for j in range(start, n):  # the logits at j-1 predict token j
                         self.targets.append((row, at + j - 1, tokens[j], kind, answer))
+                    self.text_targets += [(row, at + j - 1, tokens[j]) for j in range(1, start)]
                 else:
                     self.targets.append((row, at + start - 1, -1, kind, answer))
                 at += n
@@ -93,14 +91,39 @@ class Packed:
             ~allowed.to(device), -math.inf)
         self.embeds, self.mask, self.positions = embeds, mask[:, None], positions.to(device)
 
-    def logits(self, model):
+    def logits(self, model, targets=None):
+        """The LM head's logits at each target's position (`targets`: default, the answers')."""
         import torch
 
-        out = model.model.language_model(inputs_embeds=self.embeds, attention_mask=self.mask,
-                                         position_ids=self.positions)
-        rows = torch.tensor([t[0] for t in self.targets], device=self.embeds.device)
-        cols = torch.tensor([t[1] for t in self.targets], device=self.embeds.device)
-        return model.lm_head(out.last_hidden_state[rows, cols])
+        hidden = model.model.language_model(inputs_embeds=self.embeds, attention_mask=self.mask,
+                                            position_ids=self.positions).last_hidden_state
+        targets = self.targets if targets is None else targets
+        rows = torch.tensor([t[0] for t in targets], device=self.embeds.device)
+        cols = torch.tensor([t[1] for t in targets], device=self.embeds.device)
+        return model.lm_head(hidden[rows, cols])
+
+    def loss(self, model, question_weight: float = 0.0):
+        """Training loss: cross-entropy on the answer tokens (and `</s>`), plus
+        `question_weight` x cross-entropy on the question's own tokens. Also returns the answer
+        tokens' mean loss per kind."""
+        import torch
+        import torch.nn.functional as F
+
+        both = self.targets + (self.text_targets if question_weight else [])
+        labels = torch.tensor([t[2] for t in both], device=self.embeds.device)
+        ce = F.cross_entropy(self.logits(model, both), labels, reduction="none")
+        answers = ce[: len(self.targets)]
+        loss = answers.mean()
+        if question_weight and self.text_targets:
+            loss = loss + question_weight * ce[len(self.targets):].mean()
+        per_kind: dict[str, list[float]] = {}
+        previous = None
+        for i, (row, pos, _, kind, _) in enumerate(self.targets):
+            if previous != (row, pos - 1):  # an answer's first token (then the rest, `</s>`)
+                per_kind.setdefault(kind, []).append(i)
+            previous = (row, pos)
+        kinds = {k: float(answers[v].detach().mean()) for k, v in per_kind.items()}
+        return loss, kinds
 
 
 def gather(features, keep: list):

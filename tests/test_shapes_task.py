@@ -133,3 +133,138 @@ def test_the_training_drill_asks_each_object_and_answers_right():
         yes = [a for k, (_, a) in drill if k == "exists" and a == "yes"]
         assert len(yes) == min(3, len(objects)) == kinds.count("exists") - len(yes)
         assert kinds.count("relation") <= 3
+
+
+def test_the_centre_drill_names_one_object_against_the_centre_line():
+    """`shapes_data.centre_drills`: training only, the relation template with the image's centre
+    line in the first slot; the answer is where that line lies against the named object."""
+    from benchmarks.shapes_data import CENTRE_QUESTION, centre_drills
+
+    template = re.compile(CENTRE_QUESTION.replace("?", "\\?").format(color=COLOR, shape=SHAPE))
+    rng = random.Random(4)
+    asked = {"left": 0, "right": 0}
+    for _ in range(200):
+        _, objects = make_item(rng)
+        drills = centre_drills(rng, objects, most=4)
+        clear = [o for o in objects if abs(o.centre_x - SIZE / 2) >= RELATION_MARGIN / 2]
+        assert len(drills) == min(4, len(clear))
+        named = set()
+        for kind, (question, answer) in drills:
+            match = template.fullmatch(question)
+            assert kind == "centre" and match, question
+            (o,) = [o for o in clear if (o.color, o.shape) == (match[1], match[2])]
+            named.add(o)
+            # "Is the image centre left or right of the object?": left when the object is right.
+            assert answer == ("left" if o.centre_x > SIZE / 2 else "right")
+            asked[answer] += 1
+        assert len(named) == len(drills)  # each object at most once
+    assert min(asked.values()) > 0.4 * sum(asked.values())
+
+
+def test_centre_patches_and_kept_patches():
+    """The tower's centre-patch labels lie on their objects; `keep_indices` keeps k ascending
+    distinct patches in every mode, each object's centre patch first in `centres`, object patches
+    first in `object_patches`, and the oracle takes an object's centre among equally covered
+    patches (so K=16 keeps the centre of every object of the task)."""
+    import torch
+
+    from benchmarks.shapes_data import (
+        GRID,
+        PATCH_OWNER_SHARE,
+        centre_patch,
+        keep_indices,
+        scenes,
+        vision_targets,
+    )
+
+    _, batch = scenes(random.Random(8), 40)
+    targets = vision_targets(batch, position_bins=12)
+    gen = torch.Generator().manual_seed(0)
+    kept = {mode: keep_indices(mode, k, batch, gen) for mode, k in
+            (("centres", 8), ("object_patches", 128), ("oracle", 16), ("random", 16))}
+    for b, scene in enumerate(batch):
+        centres = {centre_patch(o) for o in scene.objects}
+        assert set(torch.nonzero(targets["centre"][b]).flatten().tolist()) == centres
+        cov = scene.coverage.reshape(len(scene.objects), -1)
+        for o, c in zip(scene.objects, cov, strict=True):
+            row, col = divmod(centre_patch(o), GRID)
+            assert c[centre_patch(o)] > 0 and row * GRID + col == centre_patch(o)
+            on = torch.from_numpy(c >= PATCH_OWNER_SHARE)
+            x = targets["centre_x"][b][on & (targets["colour"][b] > 0)]
+            assert torch.allclose(x[:1], torch.tensor([2 * o.centre_x / SIZE - 1])) or not len(x)
+        for mode, keeps in kept.items():
+            keep = keeps[b]
+            assert keep.tolist() == sorted(set(keep.tolist())), mode
+            assert len(keep) == {"centres": 8, "object_patches": 128}.get(mode, 16)
+        assert centres <= set(kept["centres"][b].tolist())
+        assert centres <= set(kept["oracle"][b].tolist())
+        covered = set(torch.nonzero(torch.from_numpy(cov.max(0) >= PATCH_OWNER_SHARE))
+                      .flatten().tolist())
+        picked = set(kept["object_patches"][b].tolist())
+        assert covered <= picked or len(covered) > 128 and len(picked & covered) == 128
+
+
+def test_packed_questions_train_on_their_own_tokens_too():
+    """`Packed.loss` with a question weight: every question token after the first is a target,
+    predicted at the position before it; the answers' own loss is reported per kind."""
+    from collections import Counter
+    from dataclasses import replace
+
+    import torch
+
+    from benchmarks import shapes_data, shapes_reading
+    from benchmarks.shapes_model import PRESETS, build
+
+    model, processor = build(PRESETS["ci"])
+    tokenizer = processor.tokenizer
+    _, batch = shapes_data.scenes(random.Random(2), 3)
+    batch = [replace(s, drill=shapes_data.every_question(random.Random(1), s.objects))
+             for s in batch]
+    feats = torch.randn(len(batch), 8, PRESETS["ci"].vision_hidden)
+    packed = shapes_reading.Packed(model, tokenizer, feats, batch, with_answers=True)
+    questions = [q for s in batch for q in s.drill]
+    tails = [shapes_data.user_prompt(tokenizer, q)[1] for _, (q, _) in questions]
+    assert Counter(t for _, _, t in packed.text_targets) == Counter(
+        token for tail in tails for token in tail[1:])
+    assert len(packed.targets) == 2 * len(questions)  # one-token answers, then </s>
+    assert not {(r, p) for r, p, _ in packed.text_targets} & {t[:2] for t in packed.targets}
+    loss, by_kind = packed.loss(model, question_weight=0.5)
+    answers_only, same_kinds = packed.loss(model, question_weight=0.0)
+    assert loss.item() > answers_only.item() > 0
+    assert set(by_kind) == set(same_kinds) == {kind for kind, _ in questions}
+
+
+def test_projector_label_head_learns_patch_colours_that_generalise():
+    """`shapes_model.projector_label_loss`: a linear head on the projector's output, trained with
+    the projector on a few images' patch colours and shapes, reads the colour of object patches
+    of other images (the labels are `vision_targets`' own: a wrong alignment would not carry
+    over). Untrained CI-size tower: its patch features still carry the pixels' colour."""
+    import torch
+
+    from benchmarks import shapes_data
+    from benchmarks.shapes_model import PRESETS, build, projector_label_loss, projector_probe
+    from benchmarks.shapes_reading import feature_layer
+
+    spec = PRESETS["ci"]
+    torch.manual_seed(0)
+    model, _ = build(spec)
+    probe = projector_probe(spec)
+    params = [*model.model.multi_modal_projector.parameters(), *probe.parameters()]
+    opt = torch.optim.Adam(params, lr=3e-3)
+    (train_px, train), (test_px, test) = (shapes_data.scenes(random.Random(s), 12) for s in (5, 6))
+    with torch.no_grad():
+        train_f, test_f = (feature_layer(model, px)[:, 1:] for px in (train_px, test_px))
+    first = None
+    for _ in range(150):
+        loss = projector_label_loss(model, probe, spec, train_f, train)
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.5 * first
+    with torch.no_grad():
+        read = probe(model.model.multi_modal_projector(test_f))
+    read = read[..., :len(shapes_data.COLOR_NAMES) + 1]
+    colour = shapes_data.vision_targets(test, spec.position_bins)["colour"]
+    on = colour > 0
+    assert (read.argmax(-1)[on] == colour[on]).float().mean() > 0.6  # chance: 1/8
