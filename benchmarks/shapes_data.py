@@ -195,19 +195,16 @@ def keep_indices(mode: str, k: int, batch: list[Scene], gen) -> list:
             out.append(torch.arange(PATCHES))
             continue
         order = torch.randperm(PATCHES, generator=gen)
-        if mode in ("centres", "object_patches") and scene.objects:
+        if mode in ("centres", "objects", "object_patches") and scene.objects:
             if mode == "centres":
                 first = torch.tensor(sorted({centre_patch(o) for o in scene.objects}))
             else:
                 covered = torch.from_numpy(scene.coverage.reshape(len(scene.objects), -1).max(0))
                 first = order[covered[order] >= PATCH_OWNER_SHARE]
+                if mode == "objects":  # a random number of them
+                    first = first[:int(torch.randint(0, min(k, len(first)) + 1, (1,),
+                                                     generator=gen))]
             order = torch.cat([first, order[~torch.isin(order, first)]])
-        elif mode == "objects" and scene.objects:
-            covered = torch.from_numpy(scene.coverage.reshape(len(scene.objects), -1).max(0))
-            on = order[covered[order] >= PATCH_OWNER_SHARE]
-            m = int(torch.randint(0, min(k, len(on)) + 1, (1,), generator=gen))
-            rest = order[~torch.isin(order, on[:m])]
-            order = torch.cat([on[:m], rest])
         elif mode == "oracle" and scene.objects:
             cov = torch.from_numpy(scene.coverage.reshape(len(scene.objects), -1))
             # Each object's centre patch first, then its most-covered patches (coverage comes in
