@@ -57,6 +57,16 @@ def usage_of_stream(lines: list[str]) -> dict | None:
     return usage
 
 
+def sent_trace(sent: threading.Event):
+    """An httpx `trace` extension that sets `sent` once the request body is on the wire."""
+
+    def trace(name: str, info: dict) -> None:
+        if name == "http11.send_request_body.complete":
+            sent.set()
+
+    return trace
+
+
 class Background:
     """Run one HTTP request in a thread; keep its response or exception."""
 
@@ -148,15 +158,19 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(server):
     time.sleep(1.0)
     lines: list[str] = []
     n_stream = 2
+    sent = threading.Event()
 
     def streamed() -> int:
-        with httpx.stream("POST", url, json=long_request(model, stream=True, n=n_stream),
-                          timeout=300) as response:
+        with httpx.Client(timeout=300) as client, client.stream(
+                "POST", url, json=long_request(model, stream=True, n=n_stream),
+                extensions={"trace": sent_trace(sent)}) as response:
             for line in response.iter_lines():
                 lines.append(line)
             return response.status_code
 
     stream = Background(streamed)
+    # On a loaded machine the thread may take seconds to connect: wait until it has sent.
+    assert sent.wait(30), stream.result
     time.sleep(1.0)
     assert plain.thread.is_alive(), plain.result
 
@@ -205,14 +219,17 @@ def test_engine_death_fails_fast_with_503_and_exit_status_1(doomed):
         lambda: httpx.post(url, json=long_request(model, n=MANY), timeout=60))
     time.sleep(1.0)
     lines: list[str] = []
+    sent = threading.Event()
 
     def streamed() -> int:
-        with httpx.stream("POST", url, json=long_request(model, stream=True, n=MANY),
-                          timeout=60) as response:
+        with httpx.Client(timeout=60) as client, client.stream(
+                "POST", url, json=long_request(model, stream=True, n=MANY),
+                extensions={"trace": sent_trace(sent)}) as response:
             lines.extend(response.iter_lines())
             return response.status_code
 
     in_flight_stream = Background(streamed)
+    assert sent.wait(30), in_flight_stream.result  # sent before the kill (see the SIGTERM test)
     time.sleep(1.0)
     assert in_flight.thread.is_alive(), in_flight.result
     engine.kill()
