@@ -122,6 +122,9 @@ class ShapesSpec:
     # colour and the shape of the object under it (training only; `projector_labels` weighs its
     # loss): without it, the projector squashed colour and the LM answered colour blind.
     projector_labels: float = 1.0
+    # ... and (`projector_centres` weighs it) whether the patch is an object's centre patch, the
+    # one mark per object that a count can be read from (the tower learns it in stage 1).
+    projector_centres: float = 1.0
     eval_images: int = 300
     eval_every: int = 500
     seed: int = 0
@@ -231,7 +234,8 @@ def train_language(model, tokenizer, spec: ShapesSpec, rng: random.Random, held_
     params = [*model.model.multi_modal_projector.parameters(),
               *model.model.language_model.parameters(), *model.lm_head.parameters()]
     # created only when used (it draws from torch's RNG)
-    probe = projector_probe(spec, model.device) if spec.projector_labels else None
+    probe = (projector_probe(spec, model.device)
+             if spec.projector_labels or spec.projector_centres else None)
     opt = torch.optim.AdamW(params + ([*probe.parameters()] if probe else []), lr=spec.lm_lr,
                             weight_decay=0.01)
     gen = torch.Generator().manual_seed(spec.seed)
@@ -250,8 +254,7 @@ def train_language(model, tokenizer, spec: ShapesSpec, rng: random.Random, held_
         packed = Packed(model, tokenizer, feats, batch, with_answers=True)
         loss, per_kind = packed.loss(model, spec.question_loss)
         if probe is not None:
-            loss = loss + spec.projector_labels * projector_label_loss(model, probe, spec,
-                                                                       pool_feats[drawn], batch)
+            loss = loss + projector_label_loss(model, probe, spec, pool_feats[drawn], batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -270,29 +273,35 @@ def train_language(model, tokenizer, spec: ShapesSpec, rng: random.Random, held_
 
 def projector_probe(spec: ShapesSpec, device="cpu"):
     """The training-only linear head of `projector_label_loss`: colour (or none), shape (or
-    none) of the object under a patch, from the projector's output."""
+    none) of the object under a patch, and whether the patch is an object's centre patch, from
+    the projector's output."""
     import torch
 
-    return torch.nn.Linear(spec.text_hidden, len(COLOR_NAMES) + len(SHAPES) + 2, device=device)
+    return torch.nn.Linear(spec.text_hidden, len(COLOR_NAMES) + len(SHAPES) + 3, device=device)
 
 
 def projector_label_loss(model, probe, spec: ShapesSpec, features, batch: list[Scene]):
     """Cross-entropy of `probe` reading, from the projector's output of every patch, the colour
-    and the shape of the object under it (0: none)."""
+    and the shape of the object under it (0: none), weighted by `projector_labels`, plus
+    `projector_centres` x the binary cross-entropy of its centre-patch mark."""
     import torch.nn.functional as F
 
-    targets = vision_targets(batch, spec.position_bins)
+    targets = {k: v.flatten() for k, v in vision_targets(batch, spec.position_bins).items()
+               if k in ("colour", "shape", "centre")}
     read = probe(model.model.multi_modal_projector(features.float())).flatten(0, 1)
-    colours = len(COLOR_NAMES) + 1
-    return (F.cross_entropy(read[:, :colours], targets["colour"].flatten().to(read.device))
-            + F.cross_entropy(read[:, colours:], targets["shape"].flatten().to(read.device)))
+    targets = {k: v.to(read.device) for k, v in targets.items()}
+    colours, shapes = len(COLOR_NAMES) + 1, len(SHAPES) + 1
+    labels = (F.cross_entropy(read[:, :colours], targets["colour"])
+              + F.cross_entropy(read[:, colours:colours + shapes], targets["shape"]))
+    centres = F.binary_cross_entropy_with_logits(read[:, -1], targets["centre"])
+    return spec.projector_labels * labels + spec.projector_centres * centres
 
 
 # The fields only stage 2 reads: a spec that differs from an earlier one in these alone reuses
 # that run's trained tower (stage 1 is about a fifth of the full preset's 90 minutes).
 LANGUAGE_STAGE_FIELDS = ("lm_steps", "lm_batch", "lm_lr", "lm_pool", "centres_until",
                          "objects_until", "full_share", "centre_drills", "question_loss",
-                         "projector_labels")
+                         "projector_labels", "projector_centres")
 
 
 def vision_stage(model, spec: ShapesSpec, rng: random.Random, held_out, log, cache: Path) -> None:

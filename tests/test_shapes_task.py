@@ -234,11 +234,12 @@ def test_packed_questions_train_on_their_own_tokens_too():
     assert set(by_kind) == set(same_kinds) == {kind for kind, _ in questions}
 
 
-def test_projector_label_head_learns_patch_colours_that_generalise():
+def test_projector_label_head_learns_patch_labels_that_generalise():
     """`shapes_model.projector_label_loss`: a linear head on the projector's output, trained with
-    the projector on a few images' patch colours and shapes, reads the colour of object patches
-    of other images (the labels are `vision_targets`' own: a wrong alignment would not carry
-    over). Untrained CI-size tower: its patch features still carry the pixels' colour."""
+    the projector on a few images' patch colours, shapes and centre marks, reads the colour of
+    object patches of other images, and marks their centre patches (the labels are
+    `vision_targets`' own: a wrong alignment would not carry over). Untrained CI-size tower: its
+    patch features still carry the pixels' colour and their place in an object."""
     import torch
 
     from benchmarks import shapes_data
@@ -264,7 +265,12 @@ def test_projector_label_head_learns_patch_colours_that_generalise():
     assert loss.item() < 0.5 * first
     with torch.no_grad():
         read = probe(model.model.multi_modal_projector(test_f))
-    read = read[..., :len(shapes_data.COLOR_NAMES) + 1]
-    colour = shapes_data.vision_targets(test, spec.position_bins)["colour"]
-    on = colour > 0
-    assert (read.argmax(-1)[on] == colour[on]).float().mean() > 0.6  # chance: 1/8
+    targets = shapes_data.vision_targets(test, spec.position_bins)
+    colour, on = targets["colour"], targets["colour"] > 0
+    assert (read[..., :len(shapes_data.COLOR_NAMES) + 1].argmax(-1)[on]
+            == colour[on]).float().mean() > 0.6  # chance: 1/8
+    # The centre-patch mark (the last logit): centre patches above the other object patches,
+    # those above the background (measured: -2.5, -3.5, -9.8).
+    mark, centre = read[..., -1], targets["centre"] > 0
+    assert mark[centre].mean() > mark[on & ~centre].mean() + 0.3
+    assert mark[on & ~centre].mean() > mark[~on].mean() + 2
