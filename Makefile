@@ -32,7 +32,7 @@ tiny-model: venv
 clean:
 	rm -rf $(VENV) models .pytest_cache .ruff_cache .hypothesis
 
-## The accuracy test bed (issue 15): a LLaVA-1.5-architecture model trained here (about 90 minutes on 2 cores).
+## The accuracy test bed (issue 15): a LLaVA-1.5-architecture model trained here (about 110 minutes on 2 cores).
 ## SHAPES_ARGS changes its schedule (`--lm-steps N`, ...): give `make accuracy` the same to use that model.
 shapes-model: venv
 	$(PY) -m benchmarks.shapes_model models/shapes-llava $(SHAPES_ARGS)

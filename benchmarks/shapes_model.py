@@ -1,6 +1,6 @@
 """Train the shapes test bed: a LLaVA-1.5-architecture VLM that really answers questions.
 
-    make shapes-model           # writes models/shapes-llava (about 90 minutes on 2 cores)
+    make shapes-model           # writes models/shapes-llava (about 110 minutes on 2 cores)
     python -m benchmarks.shapes_model DIR [--preset full|ci] [--threads N] [--device cpu|cuda]
 
 The checkpoint is an ordinary `LlavaForConditionalGeneration` directory (CLIP-ViT/14-336: 576
@@ -298,7 +298,7 @@ def projector_label_loss(model, probe, spec: ShapesSpec, features, batch: list[S
 
 
 # The fields only stage 2 reads: a spec that differs from an earlier one in these alone reuses
-# that run's trained tower (stage 1 is about a fifth of the full preset's 90 minutes).
+# that run's trained tower (stage 1 is about a sixth of the full preset's 110 minutes).
 LANGUAGE_STAGE_FIELDS = ("lm_steps", "lm_batch", "lm_lr", "lm_pool", "centres_until",
                          "objects_until", "full_share", "centre_drills", "question_loss",
                          "projector_labels", "projector_centres")
