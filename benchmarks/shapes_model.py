@@ -24,8 +24,9 @@ LLaVA-1.5 checkpoint. It is trained from seeds on the task of `benchmarks.make_s
    image centre left or right of the <colour> <shape>?"), all packed into one sequence (each
    question sees the image and itself only, with the positions it would have alone); the loss is on
    the answer words and `</s>`, plus half as much on the questions' own words, plus a linear head's
-   reading of each patch's colour and shape from the projector's output (training only, so that the
-   projector keeps colour). The LM reads few tokens first: each object's centre patch (8 tokens)
+   reading of each patch's colour, shape and centre-patch mark from the projector's output
+   (training only, so that the projector keeps colour and one mark per object to count by). The
+   LM reads few tokens first: each object's centre patch (8 tokens)
    for a quarter of the steps, every object patch (128) for the next quarter, then all 576 in half
    of the steps and sparse subsets (in raster order, as the plugin keeps them: random ones and ones
    biased to object patches, K log-uniform in [8, 576]) in the rest. Why each piece is there is in
@@ -286,10 +287,10 @@ def projector_label_loss(model, probe, spec: ShapesSpec, features, batch: list[S
     `projector_centres` x the binary cross-entropy of its centre-patch mark."""
     import torch.nn.functional as F
 
-    targets = {k: v.flatten() for k, v in vision_targets(batch, spec.position_bins).items()
-               if k in ("colour", "shape", "centre")}
     read = probe(model.model.multi_modal_projector(features.float())).flatten(0, 1)
-    targets = {k: v.to(read.device) for k, v in targets.items()}
+    targets = {k: v.flatten().to(read.device)
+               for k, v in vision_targets(batch, spec.position_bins).items()
+               if k in ("colour", "shape", "centre")}
     colours, shapes = len(COLOR_NAMES) + 1, len(SHAPES) + 1
     labels = (F.cross_entropy(read[:, :colours], targets["colour"])
               + F.cross_entropy(read[:, colours:colours + shapes], targets["shape"]))

@@ -18,6 +18,7 @@ from benchmarks.make_shapes_dataset import (
     KINDS,
     MAX_OBJECTS,
     MIN_SIDE,
+    PATCH,
     RELATION_MARGIN,
     SHAPES,
     SIZE,
@@ -187,8 +188,11 @@ def test_centre_patches_and_kept_patches():
         assert set(torch.nonzero(targets["centre"][b]).flatten().tolist()) == centres
         cov = scene.coverage.reshape(len(scene.objects), -1)
         for o, c in zip(scene.objects, cov, strict=True):
-            row, col = divmod(centre_patch(o), GRID)
-            assert c[centre_patch(o)] > 0 and row * GRID + col == centre_patch(o)
+            row, col = divmod(centre_patch(o), GRID)  # the patch holds the box's centre pixel
+            x0, y0, x1, y1 = o.box
+            assert col * PATCH <= (x0 + x1) / 2 < (col + 1) * PATCH
+            assert row * PATCH <= (y0 + y1) / 2 < (row + 1) * PATCH
+            assert c[centre_patch(o)] > 0
             on = torch.from_numpy(c >= PATCH_OWNER_SHARE)
             x = targets["centre_x"][b][on & (targets["colour"][b] > 0)]
             assert torch.allclose(x[:1], torch.tensor([2 * o.centre_x / SIZE - 1])) or not len(x)
