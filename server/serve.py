@@ -81,8 +81,9 @@ def _use_multiprocess_metrics() -> None:
 
 
 def build_parser():
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser
     from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from idselect.vllm_plugin.compat import serve_entry_points
 
     parser = FlexibleArgumentParser(
         prog="idselect serve",
@@ -90,7 +91,7 @@ def build_parser():
         "Takes every `vllm serve` engine and frontend argument.",
         usage="idselect serve MODEL [--visual-token-budget N] [options]",
     )
-    parser = make_arg_parser(parser)
+    parser = serve_entry_points().make_arg_parser(parser)
     group = parser.add_argument_group("idselect")
     group.add_argument(
         "--visual-token-budget",
@@ -169,7 +170,7 @@ def build_parser():
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    from vllm.entrypoints.launchers.cli_args import validate_parsed_serve_args
+    from idselect.vllm_plugin.compat import serve_entry_points
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -183,7 +184,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error(f"--visual-token-importance must be one of {', '.join(IMPORTANCE_NAMES)}")
     if args.visual_token_selector not in (None, *SELECTORS):  # from the environment
         parser.error(f"--visual-token-selector must be one of {', '.join(SELECTORS)}")
-    validate_parsed_serve_args(args)
+    serve_entry_points().validate_parsed_serve_args(args)
     if args.api_server_count not in (None, 1) or args.headless:
         parser.error("idselect serve runs a single API server; --api-server-count/--headless "
                      "are not supported")
@@ -231,29 +232,24 @@ def media_policy(args: argparse.Namespace) -> MediaPolicy:
 
 async def run(args: argparse.Namespace, options: dict) -> None:
     import psutil
-    from vllm.entrypoints.launchers.api_server.entry import (
-        build_and_serve,
-        build_async_engine_client,
-    )
-    from vllm.entrypoints.launchers.launcher import setup_server
     from vllm.logger import init_logger
 
-    from idselect.vllm_plugin import usage
+    from idselect.vllm_plugin import compat, usage
     from idselect.vllm_plugin.selfcheck import PluginNotActiveError, verify_async
     from idselect.vllm_plugin.settings import PluginSettings
     from server import media_fetch
     from server.middleware import engine_guard
-    from server.request_context import propagate_to_processing
     from server.settings import ServerSettings
 
     logger = init_logger("vllm.idselect.serve")  # under "vllm": vLLM's log handlers
+    vllm_serve = compat.serve_entry_points()
 
     def _interrupt_init(*_: object) -> None:  # until uvicorn installs its own handlers
         raise KeyboardInterrupt("terminated")
 
     signal.signal(signal.SIGTERM, _interrupt_init)
-    listen_address, sock = setup_server(args, reuse_port=False)
-    async with build_async_engine_client(args) as engine_client:
+    listen_address, sock = vllm_serve.setup_server(args, reuse_port=False)
+    async with vllm_serve.build_async_engine_client(args) as engine_client:
         engine_guard.watch_shutdown(engine_client)
         engine_processes = _engine_processes(psutil.Process())
         model_config = engine_client.model_config
@@ -264,7 +260,7 @@ async def run(args: argparse.Namespace, options: dict) -> None:
             raise SystemExit(f"idselect: refusing to serve: {exc}") from None
         # Visual usage: reported by the processor into each request's context, counted by the
         # HTTP layer (not by processing outside requests, e.g. /tokenize).
-        propagate_to_processing(engine_client.renderer)
+        compat.propagate_to_processing(engine_client.renderer)
         usage.count_in_http_layer()
         defaults = PluginSettings.from_hf_config(hf_config).defaults
         args.idselect = ServerSettings(
@@ -274,9 +270,10 @@ async def run(args: argparse.Namespace, options: dict) -> None:
             max_request_bytes=args.max_request_bytes,
         )
         logger.info(
-            "idselect: ID-Selection plugin active in the model workers; model=%s, "
+            "idselect: ID-Selection plugin active in the model workers of vLLM %s; model=%s, "
             "default visual_token_budget=%s, visual_token_importance=%s, "
             "visual_token_selector=%s, API key %s",
+            compat.check_release(),
             args.model,
             defaults.budget or "none (full)",
             defaults.importance or "visual",
@@ -284,13 +281,14 @@ async def run(args: argparse.Namespace, options: dict) -> None:
             "required" if options["api_keys"] else "not required",
         )
         logger.info("idselect: media %s", media_fetch.current_policy())
-        shutdown_task = await build_and_serve(engine_client, listen_address, sock, args)
+        shutdown_task = await vllm_serve.build_and_serve(engine_client, listen_address, sock,
+                                                         args)
     try:
         await shutdown_task
     finally:
         sock.close()
         await media_fetch.close_sessions()
-    failed = _failed_engine_process(engine_client)
+    failed = compat.failed_engine_process(engine_client)
     if failed:  # vLLM stopped serving because the engine died: tell the supervisor
         # vLLM leaves the dead engine's model workers running (re-parented, GBs of memory).
         _stop_processes(engine_processes)
@@ -324,20 +322,19 @@ def _stop_processes(processes: list, timeout: float = 10) -> None:
             process.kill()
 
 
-def _failed_engine_process(engine_client: object) -> str | None:
-    """Name of an engine process that exited with an error while serving (vLLM records it)."""
-    resources = getattr(getattr(engine_client, "engine_core", None), "resources", None)
-    manager = getattr(resources, "engine_manager", None)
-    return getattr(manager, "failed_proc_name", None)
-
-
 def main(argv: list[str]) -> None:
     _use_multiprocess_metrics()
     import uvloop
-    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
     from vllm.logger import configure_logging_from_args
 
-    cli_env_setup()
+    from idselect.vllm_plugin.compat import VLLMCompatError, check_release, serve_entry_points
+
+    try:
+        check_release()
+        vllm_serve = serve_entry_points()
+    except VLLMCompatError as exc:
+        raise SystemExit(f"idselect: {exc}") from None
+    vllm_serve.cli_env_setup()
     args = parse_args(argv)
     configure_logging_from_args(args)
     options = _adopt_idselect_options(args)

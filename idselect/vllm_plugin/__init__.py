@@ -36,8 +36,16 @@ def plugin_model_class(architectures: list[str] | None) -> str | None:
 
 
 def register() -> None:
-    """Entry point: point the architectures we prune at our model classes (lazily imported)."""
+    """Entry point: point the architectures we prune at our model classes (lazily imported).
+
+    Refuses a vLLM release outside the supported range first: vLLM calls this in every process
+    it starts, so the process stops with the reason instead of serving on unchecked internals.
+    """
     from vllm import ModelRegistry
+
+    from idselect.vllm_plugin.compat import check_release
+
+    check_release()
 
     for arch, target in ARCHITECTURES.items():
         ModelRegistry.register_model(arch, target)

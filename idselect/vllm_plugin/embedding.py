@@ -20,13 +20,14 @@ from vllm.multimodal.inputs import MultiModalKwargsItem
 from idselect.baselines import get_selector
 from idselect.selection import id_select_batched
 from idselect.vllm_plugin import metrics
+from idselect.vllm_plugin.compat import ChecksVLLMOverrides, overrides_vllm
 from idselect.vllm_plugin.items import ImagePlans, item_keep
 from idselect.vllm_plugin.settings import PluginSettings
 
 logger = init_logger("vllm.idselect.plugin")  # under "vllm": vLLM's log handlers
 
 
-class SelectionModelMixin:
+class SelectionModelMixin(ChecksVLLMOverrides):
     def _init_selection(
         self, vllm_config: VllmConfig, what: str, *, has_cls_token: bool = True
     ) -> None:
@@ -103,6 +104,7 @@ class SelectionModelMixin:
             for u, s, k, seed in zip(units, scores, keeps, seeds, strict=True)
         ]
 
+    @overrides_vllm
     def get_mm_lora_token_counts(
         self,
         *,

@@ -35,6 +35,7 @@ from vllm.multimodal.processing import PromptUpdateDetails
 
 from idselect.importance import cls_attention, normalize_scores
 from idselect.vllm_plugin.capture import capture_qk, single_call
+from idselect.vllm_plugin.compat import overrides_vllm
 from idselect.vllm_plugin.embedding import SelectionModelMixin, check_counts
 from idselect.vllm_plugin.items import ImagePlans
 from idselect.vllm_plugin.processing import (
@@ -63,6 +64,7 @@ class IDSelectInternVLProcessingInfo(SelectionInfoMixin, InternS1ProcessingInfo)
 class IDSelectInternVLMultiModalProcessor(SelectionProcessorMixin, InternS1MultiModalProcessor):
     info: IDSelectInternVLProcessingInfo
 
+    @overrides_vllm
     def _apply_hf_processor_main(self, mm_items, hf_kwargs: Mapping[str, object]) -> BatchFeature:
         # vLLM's InternVL processor calls the HF processor itself, once per image.
         return super()._apply_hf_processor_main(mm_items, without_our_kwargs(hf_kwargs))
@@ -93,6 +95,7 @@ class IDSelectInternVLForConditionalGeneration(
         # vLLM's `extract_feature` always uses the tower's last layer (and drops [CLS]).
         self._feature_attn = self.vision_tower.encoder.layer[-1].attention.attn
 
+    @overrides_vllm
     def embed_multimodal(self, **kwargs: object):
         plans = ImagePlans.pop(kwargs)
         modalities = self._parse_and_validate_multimodal_inputs(**kwargs)

@@ -33,6 +33,7 @@ from vllm.multimodal.processing import (
 )
 
 from idselect.vllm_plugin.capture import encode_with_cls_scores
+from idselect.vllm_plugin.compat import overrides_vllm
 from idselect.vllm_plugin.embedding import SelectionModelMixin, check_counts
 from idselect.vllm_plugin.items import ImagePlans
 from idselect.vllm_plugin.processing import (
@@ -110,6 +111,7 @@ class IDSelectLlavaForConditionalGeneration(SelectionModelMixin, LlavaForConditi
             # With vision_feature_layer=-2 vLLM builds the tower up to the feature layer.
             self._feature_attn = self.vision_tower.vision_model.encoder.layers[-1].self_attn
 
+    @overrides_vllm
     def embed_multimodal(self, **kwargs: object):
         image_input, plans = self._image_input_with_plans(kwargs)
         if image_input is None:

@@ -32,6 +32,7 @@ from vllm.multimodal.inputs import MultiModalKwargsItem
 
 from idselect.importance import normalize_scores
 from idselect.vllm_plugin.capture import encode_with_cls_scores
+from idselect.vllm_plugin.compat import overrides_vllm
 from idselect.vllm_plugin.embedding import SelectionModelMixin, check_counts
 from idselect.vllm_plugin.llava import supports_pruning
 from idselect.vllm_plugin.processing import (
@@ -92,6 +93,7 @@ class IDSelectLlavaNextForConditionalGeneration(
         self._init_selection(vllm_config, "LLaVA-NeXT")
         self._feature_attn = self.vision_tower.vision_model.encoder.layers[-1].self_attn
 
+    @overrides_vllm
     def embed_multimodal(self, **kwargs: object):
         image_input, plans = self._image_input_with_plans(kwargs)
         if image_input is None:

@@ -2,9 +2,9 @@
 
 For the Qwen-VL family. Each media embedding leaves the embedding step with 8 extra channels, its
 tokens' positions (`encode_positions`); vLLM's model runner strips them and calls the model's
-`recompute_mrope_positions` (the EVS path, switched on by `evs_switch`). Before the encoder runs,
-`get_mrope_input_positions` lays out the prompt with each item's placeholder count, and the text
-after an item starts at base + extent, whichever tokens are kept.
+`recompute_mrope_positions` (the EVS path, switched on by `compat.enable_position_recompute`).
+Before the encoder runs, `get_mrope_input_positions` lays out the prompt with each item's
+placeholder count, and the text after an item starts at base + extent, whichever tokens are kept.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from vllm.multimodal.inputs import MultiModalFeatureSpec
 from vllm.multimodal.video_prune.evs import compute_mrope_for_media
+
+from idselect.vllm_plugin.compat import ChecksVLLMOverrides, overrides_vllm
 
 # Extra channels appended to each media embedding for `recompute_mrope_positions`: (t, h, w,
 # extent), each split into a high and a low base-256 digit so that bf16 (exact only up to 256)
@@ -61,7 +63,7 @@ def media_positions(t: int, h: int, w: int, t_factor: float = 1.0) -> torch.Tens
     return pos
 
 
-class PrunedMRoPEMixin:
+class PrunedMRoPEMixin(ChecksVLLMOverrides):
     """For a Qwen-VL model class: positions of pruned media. Uses vLLM's `iter_mm_grid_thw`,
     `self.config` (image/video token ids, text hidden size) and `self.visual.spatial_merge_size`.
     """
@@ -75,6 +77,7 @@ class PrunedMRoPEMixin:
         for feature, (offset, t, h, w, t_factor) in zip(by_offset, grids, strict=True):
             yield offset, t, h, w, t_factor, feature.mm_position.length
 
+    @overrides_vllm
     def get_mrope_input_positions(
         self, input_tokens: list[int], mm_features: list[MultiModalFeatureSpec]
     ) -> tuple[torch.Tensor, int]:
@@ -104,6 +107,7 @@ class PrunedMRoPEMixin:
         delta = int(positions.max() + 1 - len(input_tokens)) if positions.size else 0
         return torch.from_numpy(np.ascontiguousarray(positions)), delta
 
+    @overrides_vllm
     def recompute_mrope_positions(
         self,
         input_ids: list[int] | torch.Tensor,
@@ -150,6 +154,7 @@ class PrunedMRoPEMixin:
         """Channels of a media embedding once its position channels are stripped."""
         return self.config.text_config.hidden_size
 
+    @overrides_vllm
     def embed_input_ids(self, input_ids, multimodal_embeddings=None, *, is_multimodal=None):
         if multimodal_embeddings is not None:
             hidden = self._media_channels()

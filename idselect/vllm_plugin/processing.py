@@ -43,6 +43,7 @@ from idselect.options import (
     VisualOptions,
 )
 from idselect.vllm_plugin import items, usage
+from idselect.vllm_plugin.compat import ChecksVLLMOverrides, overrides_vllm
 from idselect.vllm_plugin.settings import PluginSettings
 
 # Internal processor kwarg with the prompt's text ids, for the prompt-aware sources: it only puts
@@ -101,7 +102,7 @@ def without_our_kwargs(kwargs: Mapping[str, object]) -> dict[str, object]:
     return {k: v for k, v in kwargs.items() if k not in _OUR_KWARGS}
 
 
-class SelectionInfoMixin:
+class SelectionInfoMixin(ChecksVLLMOverrides):
     """For a vLLM ProcessingInfo: settings, options and the counts of this architecture."""
 
     # The backbone's visual score is [CLS] attention: the request name "cls" is accepted.
@@ -120,6 +121,7 @@ class SelectionInfoMixin:
             )
         return requested.resolved(self.get_settings().defaults)
 
+    @overrides_vllm
     def get_hf_processor(self, **kwargs: object):
         # Never hand our options to transformers: it would warn, and vLLM would build and cache
         # one HF processor per distinct value.
@@ -134,14 +136,16 @@ class SelectionInfoMixin:
         return self.get_num_image_tokens(image_width=width, image_height=height)
 
 
-class SelectionProcessorMixin:
+class SelectionProcessorMixin(ChecksVLLMOverrides):
     """Put before a vLLM multimodal processor class in the bases."""
 
+    @overrides_vllm
     def _call_hf_processor(
         self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]
     ) -> BatchFeature:
         return super()._call_hf_processor(hf_data, without_our_kwargs(hf_kwargs))
 
+    @overrides_vllm
     def _apply_hf_processor_main(self, mm_items: MultiModalDataItems, hf_kwargs):
         # The images this HF call processes (only the processor-cache misses), for their seeds.
         images = mm_items.get("image")
@@ -153,6 +157,7 @@ class SelectionProcessorMixin:
         finally:
             _processed_images.reset(token)
 
+    @overrides_vllm
     def _postprocess_hf_mm_data(
         self,
         mm_inputs: Mapping[str, object],
@@ -175,6 +180,7 @@ class SelectionProcessorMixin:
             )
         return processed_data
 
+    @overrides_vllm
     def _get_mm_fields_config(
         self, hf_inputs: BatchFeature, hf_processor_mm_kwargs: Mapping[str, object]
     ) -> Mapping[str, MultiModalFieldConfig]:
@@ -183,6 +189,7 @@ class SelectionProcessorMixin:
             **items.fields_config(),
         }
 
+    @overrides_vllm
     def _get_prompt_updates(
         self,
         mm_items: MultiModalDataItems,
@@ -213,6 +220,7 @@ class SelectionProcessorMixin:
         """The placeholders of an image that keeps `keep` tokens, from the stock ones."""
         return stock[:keep]
 
+    @overrides_vllm
     def apply(self, inputs: ProcessorInputs, timing_ctx) -> object:
         if _profiling.get():  # dummy inputs: never pruned (the memory profile is the maximum)
             return super().apply(inputs, timing_ctx)
@@ -250,6 +258,7 @@ class SelectionProcessorMixin:
         """Token ids that stand for media in a prompt (left out of the prompt-aware text)."""
         return (self.info.get_hf_config().image_token_index,)
 
+    @overrides_vllm
     def get_dummy_mm_inputs(self, *args, **kwargs):
         # Profiling inputs are processed through `apply` too: mark them as not traffic.
         return _profiling_call(super().get_dummy_mm_inputs, *args, **kwargs)
@@ -276,10 +285,11 @@ class SelectionProcessorMixin:
         return out
 
 
-class UnprunedProcessorMixin:
+class UnprunedProcessorMixin(ChecksVLLMOverrides):
     """For a model variant ID-Selection cannot prune (no usable importance in its tower): served
     as vLLM serves it, its usage reported, and a request's options refused, never ignored."""
 
+    @overrides_vllm
     def apply(self, inputs: ProcessorInputs, timing_ctx) -> object:
         for key in VisualOptions.parse(inputs.hf_processor_mm_kwargs).as_kwargs():
             raise OptionError(
@@ -294,6 +304,7 @@ class UnprunedProcessorMixin:
             usage.report([usage.ImageUsage(k, k, "full") for k in n])
         return result
 
+    @overrides_vllm
     def get_dummy_mm_inputs(self, *args, **kwargs):
         return _profiling_call(super().get_dummy_mm_inputs, *args, **kwargs)
 

@@ -13,7 +13,8 @@ model) on the framework's mixins. What this backbone states:
   the post-merger token), chosen per deployment with `idselect_qwen_importance`. Why this
   default: docs/qwen2_5_vl.md.
 - Positions: kept tokens keep their (t, h, w) M-RoPE positions (`mrope`, through vLLM's EVS
-  path switched on by `evs_switch`). Videos keep vLLM's EVS pruning when it is configured.
+  path switched on by `compat.enable_position_recompute`). Videos keep vLLM's EVS pruning when
+  it is configured.
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ from vllm.multimodal.video_prune.evs import compute_retention_mask
 
 from idselect.importance import attention_received, feature_norm, merge_units
 from idselect.vllm_plugin.capture import capture_qk, single_call
+from idselect.vllm_plugin.compat import enable_position_recompute, overrides_vllm
 from idselect.vllm_plugin.embedding import SelectionModelMixin, check_counts
-from idselect.vllm_plugin.evs_switch import enable_position_recompute
 from idselect.vllm_plugin.items import ImagePlans
 from idselect.vllm_plugin.mrope import PrunedMRoPEMixin
 from idselect.vllm_plugin.processing import (
@@ -212,6 +213,7 @@ class IDSelectQwen2_5_VLForConditionalGeneration(
         score_block = max(self.config.vision_config.fullatt_block_indexes)
         self._init_qwen_selection(vllm_config, "Qwen2.5-VL", score_block)
 
+    @overrides_vllm
     def embed_multimodal(self, **kwargs: object):
         plans = ImagePlans.pop(kwargs)
         by_modality = self._parse_and_validate_multimodal_inputs(**kwargs)

@@ -33,6 +33,7 @@ from vllm.model_executor.models.qwen3_vl import (
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.inputs import MultiModalFeatureSpec
 
+from idselect.vllm_plugin.compat import overrides_vllm
 from idselect.vllm_plugin.items import ImagePlans
 from idselect.vllm_plugin.qwen2_5_vl import (
     QwenVLInfoMixin,
@@ -42,6 +43,7 @@ from idselect.vllm_plugin.qwen2_5_vl import (
 
 
 class Qwen3VLInfoMixin(QwenVLInfoMixin):
+    @overrides_vllm
     def get_supported_mm_limits(self) -> Mapping[str, int | None]:
         # Videos stay a known modality (its processor kwargs are part of Qwen3-VL's schema) with
         # a limit of 0: vLLM refuses video inputs and profiles none.
@@ -68,6 +70,7 @@ class Qwen3VLSelectionMixin(QwenVLSelectionMixin):
         score_block = self.config.vision_config.depth - 1
         self._init_qwen_selection(vllm_config, self.family, score_block)
 
+    @overrides_vllm
     def embed_multimodal(self, **kwargs: object):
         plans = ImagePlans.pop(kwargs)
         image_input = self._parse_and_validate_image_input(**kwargs)
