@@ -2,7 +2,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: venv system test lint demo bench-selection tiny-model shapes-model accuracy clean
+.PHONY: venv system test test-releases lint demo bench-selection tiny-model shapes-model accuracy clean
 
 venv:
 	bash scripts/setup-venv.sh
@@ -15,6 +15,11 @@ system:
 test: venv system
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
+
+## The vLLM release lane alone (also part of `make test`): the gpu extra resolves beside vLLM
+## 0.32/0.33/0.34, and the plugin behaves the same on 0.33/0.34's Python layer (docs/vllm-releases.md).
+test-releases: venv
+	$(PY) -m pytest -m releases
 
 ## The main job: tiny model + server on 127.0.0.1:8000, one request at full budget, one at 16.
 demo: venv
@@ -30,7 +35,7 @@ tiny-model: venv
 	$(VENV)/bin/idselect tiny-model models/tiny-llava
 
 clean:
-	rm -rf $(VENV) models .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) models .cache .pytest_cache .ruff_cache .hypothesis
 
 ## The accuracy test bed (issue 15): a LLaVA-1.5-architecture model trained here (about 110 minutes on 2 cores).
 ## SHAPES_ARGS changes its schedule (`--lm-steps N`, ...): give `make accuracy` the same to use that model.
