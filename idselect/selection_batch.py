@@ -9,10 +9,13 @@ images are gathered in one op), and `finish` maps picked positions back to sorte
 The Triton backend (`selection_triton.py`) replaces `torch_greedy` with one kernel launch and
 reads the same tensors, so both backends pick identical tokens.
 
-Batched results equal single-image ones bit for bit: the only per-image op is each image's own
-similarity GEMM (the same shape whatever else is in the batch: batched GEMMs round differently),
-everything else is elementwise, a gather, or a reduction along one image's own row. Padding
-tokens start (and stay) at the picked sentinel, below every real score.
+Every step is one op for the whole batch, whatever the number of images: the similarity of every
+image is one batched GEMM over the zero-padded features, everything else is elementwise, a
+gather, or a reduction along one image's own row. Batched results equal single-image ones bit
+for bit on CPU (each image's dot products do not depend on the padding or the batch: checked in
+tests/test_selection_backends.py); on CUDA that is unverified here (no GPU), and the two backends
+agree bit for bit there too, as they read the same weights. Padding tokens start (and stay) at
+the picked sentinel, below every real score.
 
 Larger images (Qwen2.5-VL at several megapixels) would need a weight matrix of over 64 MiB each:
 they are prepared without it and compute their similarity row per pick instead.
@@ -94,18 +97,10 @@ def host_to_device(values: list, device: torch.device) -> Tensor:
     return tensor.pin_memory().to(device, non_blocking=True)
 
 
-def _weights(x: Tensor, n: Sequence[int], gamma: float, suppression: str) -> Tensor:
-    """w_ij = exp(-gamma (1 - cos)^2) (subtract) or 1 - w_ij (multiply) for each image."""
-    images, width, _ = x.shape
-    ragged = any(size != width for size in n)
-    cos = (torch.zeros if ragged else torch.empty)(images, width, width, device=x.device)
-    for b, size in enumerate(n):  # one GEMM per image: the same op whatever the batch holds
-        rows = x[b, :size]
-        if ragged:
-            cos[b, :size, :size] = rows @ rows.T
-        else:
-            torch.mm(rows, rows.T, out=cos[b])
-    return _to_weights(cos, gamma, suppression)
+def _weights(x: Tensor, gamma: float, suppression: str) -> Tensor:
+    """w_ij = exp(-gamma (1 - cos)^2) (subtract) or 1 - w_ij (multiply) for each image: one
+    batched GEMM (padding rows are zero; their weights are never read)."""
+    return _to_weights(torch.bmm(x, x.transpose(1, 2)), gamma, suppression)
 
 
 def prepare(
@@ -138,7 +133,7 @@ def prepare(
     return Batch(
         scores=scores,
         order=order,
-        weights=_weights(x, n, gamma, suppression) if matrix else None,
+        weights=_weights(x, gamma, suppression) if matrix else None,
         features=None if matrix else x,
         n=n,
         k=k,
