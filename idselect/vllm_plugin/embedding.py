@@ -1,16 +1,29 @@
-"""The model half of the backbone framework: the embedding step's shared selection machinery.
+"""The model half of the backbone framework: the embedding step.
 
-Put `SelectionModelMixin` before a vLLM model class. An architecture's `embed_multimodal` runs its
-tower (capturing its own importance), then hands each image's selection units to `_pick`: every
-image's score (its visual score, or the prompt-aware one it asked for), ID-Selection over the
-batch, timed on the selection histogram. What it does with the kept units (project, merge,
-position) stays in the architecture.
+Put `SelectionModelMixin` before a vLLM model class. It owns `embed_multimodal`: it reads the
+per-image plans the processor attached (`ImagePlans`), walks vLLM's parsed inputs in order,
+serves what cannot or need not be pruned as vLLM does, and for images to prune runs micro-batches
+of: the architecture's tower pass (capturing its importance), `_pick` (every image's score, its
+visual one or the prompt-aware one it asked for, then its selector over the batch, timed on the
+selection histogram), the architecture's merge of the kept units; then one count check.
+
+An architecture states only its hooks:
+- `_vision_inputs(kwargs)`: vLLM's parsed inputs, each with whether it is images given as pixels
+  this backbone can prune;
+- `_embed_as_vllm(input)`: the embeddings vLLM's own model gives that input;
+- `_num_images(input)` and `_encode_images(input, part, plans)`: a micro-batch of images through
+  the tower, as selection units, their visual scores and whatever the merge needs;
+- `_merge_kept(encoded, picks)`: each image's embedding from its kept units (a pick of None: the
+  image is served whole);
+- `_pruned_lora_token_counts`: what the tower and connector saw, for LoRA.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import torch
 from vllm.config import VllmConfig
@@ -25,6 +38,17 @@ from idselect.vllm_plugin.items import ImagePlans, item_keep
 from idselect.vllm_plugin.settings import PluginSettings
 
 logger = init_logger("vllm.idselect.plugin")  # under "vllm": vLLM's log handlers
+
+
+@dataclass
+class EncodedImages:
+    """A micro-batch of images after the tower pass, as `_encode_images` returns it."""
+
+    units: list[torch.Tensor]  # per image: the units similarity is measured on (N_i, D)
+    scores: list[torch.Tensor] | None  # per image: visual importance (N_i,); None: none pruned
+    # image i's units in the language model's embedding space (prompt-aware importance only)
+    llm_tokens: Callable[[int], torch.Tensor]
+    state: Any = None  # what the architecture's merge needs
 
 
 class SelectionModelMixin(ChecksVLLMOverrides):
@@ -42,16 +66,53 @@ class SelectionModelMixin(ChecksVLLMOverrides):
         logger.info("idselect: ID-Selection active for %s (%s)", what,
                     self.idselect_settings.describe())
 
-    def _image_input_with_plans(
-        self, kwargs: dict[str, object]
-    ) -> tuple[object, ImagePlans | None]:
-        """vLLM's parsed image input, and the plans when it holds pixels to prune (None: serve
-        the images as vLLM does). For models with one image input (LLaVA family)."""
+    @overrides_vllm
+    def embed_multimodal(self, **kwargs: object):
         plans = ImagePlans.pop(kwargs)
-        image_input = self._parse_and_validate_image_input(**kwargs)
-        if image_input is None or image_input["type"] != "pixel_values":
-            return image_input, None
-        return image_input, plans if plans is not None and plans.any_pruned() else None
+        out: list[torch.Tensor] = []
+        for mm_input, prunable in self._vision_inputs(kwargs):
+            if prunable and plans is not None and plans.any_pruned():
+                out.extend(self._embed_selected(mm_input, plans))
+            else:
+                out.extend(self._embed_as_vllm(mm_input))
+        return tuple(out)
+
+    def _embed_selected(self, mm_input: Any, plans: ImagePlans) -> list[torch.Tensor]:
+        n = self._num_images(mm_input)
+        if len(plans) != n:
+            raise RuntimeError(f"idselect: {len(plans)} selection plans for {n} images")
+        out: list[torch.Tensor] = []
+        for part in self._micro_batches(n):
+            encoded = self._encode_images(mm_input, part, plans[part])
+            picks = self._pick(encoded.units, encoded.scores, plans[part], encoded.llm_tokens)
+            out.extend(self._merge_kept(encoded, picks))
+        # vLLM fails on too few rows per item and silently truncates too many: check here.
+        got = [(e.shape[0], k) for e, k in zip(out, plans.keeps, strict=True) if k is not None]
+        if any(rows != keep for rows, keep in got):
+            raise RuntimeError(f"idselect produced {[r for r, _ in got]} embeddings for "
+                               f"images that keep {[k for _, k in got]}")
+        return out
+
+    # ---- the architecture's hooks
+
+    def _vision_inputs(self, kwargs: dict[str, object]) -> Iterable[tuple[Any, bool]]:
+        """vLLM's parsed multimodal inputs, in prompt order, each with whether it is images
+        given as pixels that this model can prune."""
+        raise NotImplementedError
+
+    def _embed_as_vllm(self, mm_input: Any) -> Sequence[torch.Tensor]:
+        raise NotImplementedError
+
+    def _num_images(self, mm_input: Any) -> int:
+        raise NotImplementedError
+
+    def _encode_images(self, mm_input: Any, part: slice, plans: ImagePlans) -> EncodedImages:
+        raise NotImplementedError
+
+    def _merge_kept(
+        self, encoded: EncodedImages, picks: Sequence[torch.Tensor | None]
+    ) -> list[torch.Tensor]:
+        raise NotImplementedError
 
     def _micro_batches(self, n: int) -> Iterator[slice]:
         """Images per tower pass: the scheduler charges only the kept placeholders against the
@@ -63,7 +124,7 @@ class SelectionModelMixin(ChecksVLLMOverrides):
     def _pick(
         self,
         units: Sequence[torch.Tensor],
-        visual_scores: Sequence[torch.Tensor],
+        visual_scores: Sequence[torch.Tensor] | None,
         plans: ImagePlans,
         llm_tokens: Callable[[int], torch.Tensor],
     ) -> list[torch.Tensor | None]:
@@ -124,10 +185,3 @@ class SelectionModelMixin(ChecksVLLMOverrides):
         """(tokens the tower saw, tokens the connector saw) for a pruned image, for LoRA on the
         tower and connector: the tower still sees every patch."""
         raise NotImplementedError
-
-
-def check_counts(embeddings: Sequence[torch.Tensor], expected: Sequence[int]) -> None:
-    """vLLM fails on too few rows per item and silently truncates too many: check here."""
-    got = [e.shape[0] for e in embeddings]
-    if got != list(expected):
-        raise RuntimeError(f"idselect produced {got} embeddings per image, expected {expected}")

@@ -36,7 +36,7 @@ from vllm.multimodal.processing import PromptUpdateDetails
 from idselect.importance import cls_attention, normalize_scores
 from idselect.vllm_plugin.capture import capture_qk, single_call
 from idselect.vllm_plugin.compat import overrides_vllm
-from idselect.vllm_plugin.embedding import SelectionModelMixin, check_counts
+from idselect.vllm_plugin.embedding import EncodedImages, SelectionModelMixin
 from idselect.vllm_plugin.items import ImagePlans
 from idselect.vllm_plugin.processing import (
     ItemTokens,
@@ -95,39 +95,26 @@ class IDSelectInternVLForConditionalGeneration(
         # vLLM's `extract_feature` always uses the tower's last layer (and drops [CLS]).
         self._feature_attn = self.vision_tower.encoder.layer[-1].attention.attn
 
-    @overrides_vllm
-    def embed_multimodal(self, **kwargs: object):
-        plans = ImagePlans.pop(kwargs)
-        modalities = self._parse_and_validate_multimodal_inputs(**kwargs)
-        out: list[torch.Tensor] = []
-        for modality, mm_input in modalities.items():
-            if mm_input is None:
-                continue
-            if (modality == "images" and mm_input["type"] == "pixel_values"
-                    and plans is not None and plans.any_pruned()):
-                out.extend(self._embed_images(mm_input, plans))
-            else:
-                out.extend(self._process_vision_input(mm_input))
-        return tuple(out)
+    def _vision_inputs(self, kwargs: dict[str, object]):
+        for modality, mm_input in self._parse_and_validate_multimodal_inputs(**kwargs).items():
+            if mm_input is not None:
+                yield mm_input, modality == "images" and mm_input["type"] == "pixel_values"
 
-    def _embed_images(self, image_input, plans: ImagePlans) -> list[torch.Tensor]:
+    def _embed_as_vllm(self, mm_input):
+        return self._process_vision_input(mm_input)
+
+    def _num_images(self, image_input) -> int:
+        return len(image_input["num_patches"])
+
+    def _encode_images(self, image_input, part: slice, plans: ImagePlans) -> EncodedImages:
         tiles = [int(n) for n in torch.as_tensor(image_input["num_patches"]).tolist()]
-        if len(plans) != len(tiles):
-            raise RuntimeError(f"{len(plans)} selection plans for {len(tiles)} images")
-        pixels = torch.split(image_input["pixel_values"], tiles)
-        out: list[torch.Tensor] = []
-        for part in self._micro_batches(len(tiles)):
-            units, scores = self._encode(torch.cat(pixels[part]), tiles[part])
-            picks = self._pick(
-                units, scores, plans[part], lambda i, u=units: self.multi_modal_projector(u[i])
-            )
-            out.extend(
-                self.multi_modal_projector(u if p is None else u.index_select(0, p))
-                for u, p in zip(units, picks, strict=True)
-            )
-        kept = [i for i, k in enumerate(plans.keeps) if k is not None]
-        check_counts([out[i] for i in kept], [plans.keeps[i] for i in kept])
-        return out
+        pixels = torch.split(image_input["pixel_values"], tiles)[part]
+        units, scores = self._encode(torch.cat(pixels), tiles[part])
+        return EncodedImages(units, scores, lambda i: self.multi_modal_projector(units[i]))
+
+    def _merge_kept(self, encoded: EncodedImages, picks) -> list[torch.Tensor]:
+        return [self.multi_modal_projector(u if p is None else u.index_select(0, p))
+                for u, p in zip(encoded.units, picks, strict=True)]
 
     def _encode(
         self, pixels: torch.Tensor, tiles: list[int]

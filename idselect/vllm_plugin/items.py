@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 from vllm.multimodal.inputs import MultiModalFieldConfig
+from vllm.utils.tensor_schema import TensorSchema, TensorShape
 
 from idselect.importance import text_relevance, unified
 from idselect.options import IMPORTANCE_SOURCES, SELECTORS, ImportanceSource
@@ -56,6 +58,21 @@ def encode(
     }
 
 
+class ImagePlanInputs(TensorSchema):
+    """The fields as the embedding step receives them for a batch of images.
+
+    Dimensions:
+        - bn: images in the encoder batch
+        - t: prompt token ids carried per image (MAX_TEXT_TOKENS)
+    """
+
+    idselect_num_kept: Annotated[torch.Tensor, TensorShape("bn")]  # 0: not pruned
+    idselect_importance: Annotated[torch.Tensor, TensorShape("bn")]  # IMPORTANCE_SOURCES index
+    idselect_text_ids: Annotated[torch.Tensor, TensorShape("bn", MAX_TEXT_TOKENS)]  # -1 padded
+    idselect_selector: Annotated[torch.Tensor, TensorShape("bn")]  # SELECTORS index
+    idselect_seed: Annotated[torch.Tensor, TensorShape("bn")]
+
+
 def item_keep(item: Mapping[str, object]) -> int | None:
     """Kept count of one processed item (a `MultiModalKwargsItem`); None = not pruned."""
     if KEEP_FIELD not in item:
@@ -81,15 +98,20 @@ class ImagePlans:
     def pop(cls, kwargs: dict[str, object]) -> ImagePlans | None:
         """Take the fields out of `embed_multimodal`'s kwargs; None when there are none
         (precomputed embeddings, or no image in this batch)."""
-        keep, importance, text, selector, seed = (kwargs.pop(name, None) for name in FIELDS)
-        if keep is None:
+        values = {name: kwargs.pop(name, None) for name in FIELDS}
+        if values[KEEP_FIELD] is None:
             return None
-        keeps = [int(k) or None for k in torch.as_tensor(keep).flatten().tolist()]
-        codes = torch.as_tensor(importance).flatten().tolist()
-        ids = torch.stack(list(text)) if isinstance(text, list) else text
-        selectors = [SELECTORS[int(c)] for c in torch.as_tensor(selector).flatten().tolist()]
-        seeds = [int(x) for x in torch.as_tensor(seed).flatten().tolist()]
-        return cls(keeps, [IMPORTANCE_SOURCES[int(c)] for c in codes], ids, selectors, seeds)
+        fields = ImagePlanInputs(**{
+            name: torch.stack(list(v)) if isinstance(v, list | tuple) else torch.as_tensor(v)
+            for name, v in values.items()
+        })
+        return cls(
+            [int(k) or None for k in fields.idselect_num_kept.tolist()],
+            [IMPORTANCE_SOURCES[int(c)] for c in fields.idselect_importance.tolist()],
+            fields.idselect_text_ids,
+            [SELECTORS[int(c)] for c in fields.idselect_selector.tolist()],
+            [int(x) for x in fields.idselect_seed.tolist()],
+        )
 
     def __len__(self) -> int:
         return len(self.keeps)

@@ -33,8 +33,7 @@ from vllm.multimodal.processing import (
 )
 
 from idselect.vllm_plugin.capture import encode_with_cls_scores
-from idselect.vllm_plugin.compat import overrides_vllm
-from idselect.vllm_plugin.embedding import SelectionModelMixin, check_counts
+from idselect.vllm_plugin.embedding import EncodedImages, SelectionModelMixin
 from idselect.vllm_plugin.items import ImagePlans
 from idselect.vllm_plugin.processing import (
     ItemTokens,
@@ -111,39 +110,35 @@ class IDSelectLlavaForConditionalGeneration(SelectionModelMixin, LlavaForConditi
             # With vision_feature_layer=-2 vLLM builds the tower up to the feature layer.
             self._feature_attn = self.vision_tower.vision_model.encoder.layers[-1].self_attn
 
-    @overrides_vllm
-    def embed_multimodal(self, **kwargs: object):
-        image_input, plans = self._image_input_with_plans(kwargs)
-        if image_input is None:
-            return []
-        if plans is None or not self._prunes:
-            return self._process_image_input(image_input)
-        pixel_values = image_input["pixel_values"]
-        if len(plans) != len(pixel_values):
-            raise RuntimeError(f"{len(plans)} selection plans for {len(pixel_values)} images")
-        kept: list[torch.Tensor] = []
-        for part in self._micro_batches(len(plans)):
-            kept.extend(self._select_batch(pixel_values[part], plans[part]))
-        sizes = [f.shape[0] for f in kept]
-        out = torch.split(self.multi_modal_projector(torch.cat(kept)), sizes)
-        check_counts(out, [k or self._num_patches() for k in plans.keeps])
-        return out
+    def _vision_inputs(self, kwargs: dict[str, object]):
+        image_input = self._parse_and_validate_image_input(**kwargs)
+        if image_input is not None:
+            yield image_input, self._prunes and image_input["type"] == "pixel_values"
+
+    def _embed_as_vllm(self, image_input):
+        return self._process_image_input(image_input)
+
+    def _num_images(self, image_input) -> int:
+        return len(image_input["pixel_values"])
 
     def _num_patches(self) -> int:
         vc = self.config.vision_config
         return (vc.image_size // vc.patch_size) ** 2
 
-    def _select_batch(self, pixel_values: torch.Tensor, plans: ImagePlans) -> list[torch.Tensor]:
+    def _encode_images(self, image_input, part: slice, plans: ImagePlans) -> EncodedImages:
         tower = partial(self._image_pixels_to_features, self.vision_tower)
+        pixel_values = image_input["pixel_values"][part]
         if not plans.any_pruned():
-            return list(tower(pixel_values))
-        features, scores = encode_with_cls_scores(tower, self._feature_attn, pixel_values)
-        picks = self._pick(
-            features, scores, plans, lambda i: self.multi_modal_projector(features[i])
-        )
-        return [
-            f if p is None else f.index_select(0, p) for f, p in zip(features, picks, strict=True)
-        ]
+            features, scores = list(tower(pixel_values)), None
+        else:
+            features, scores = encode_with_cls_scores(tower, self._feature_attn, pixel_values)
+        return EncodedImages(features, scores, lambda i: self.multi_modal_projector(features[i]))
+
+    def _merge_kept(self, encoded: EncodedImages, picks) -> list[torch.Tensor]:
+        kept = [f if p is None else f.index_select(0, p)
+                for f, p in zip(encoded.units, picks, strict=True)]
+        return list(torch.split(self.multi_modal_projector(torch.cat(kept)),
+                                [f.shape[0] for f in kept]))
 
     def _pruned_lora_token_counts(
         self, mm_kwargs: MultiModalKwargsItem, num_mm_embeds: int

@@ -32,8 +32,8 @@ from vllm.multimodal.inputs import MultiModalKwargsItem
 
 from idselect.importance import normalize_scores
 from idselect.vllm_plugin.capture import encode_with_cls_scores
-from idselect.vllm_plugin.compat import overrides_vllm
-from idselect.vllm_plugin.embedding import SelectionModelMixin, check_counts
+from idselect.vllm_plugin.embedding import EncodedImages, SelectionModelMixin
+from idselect.vllm_plugin.items import ImagePlans
 from idselect.vllm_plugin.llava import supports_pruning
 from idselect.vllm_plugin.processing import (
     ItemTokens,
@@ -93,35 +93,38 @@ class IDSelectLlavaNextForConditionalGeneration(
         self._init_selection(vllm_config, "LLaVA-NeXT")
         self._feature_attn = self.vision_tower.vision_model.encoder.layers[-1].self_attn
 
-    @overrides_vllm
-    def embed_multimodal(self, **kwargs: object):
-        image_input, plans = self._image_input_with_plans(kwargs)
-        if image_input is None:
-            return []
-        if plans is None:
-            return self._process_image_input(image_input)
-        pixel_values, image_sizes = image_input["pixel_values"], image_input["image_sizes"]
-        if len(plans) != len(pixel_values):
-            raise RuntimeError(f"{len(plans)} selection plans for {len(pixel_values)} images")
+    def _vision_inputs(self, kwargs: dict[str, object]):
+        image_input = self._parse_and_validate_image_input(**kwargs)
+        if image_input is not None:
+            yield image_input, image_input["type"] == "pixel_values"
+
+    def _embed_as_vllm(self, image_input):
+        return self._process_image_input(image_input)
+
+    def _num_images(self, image_input) -> int:
+        return len(image_input["pixel_values"])
+
+    def _encode_images(self, image_input, part: slice, plans: ImagePlans) -> EncodedImages:
+        sizes = image_input["image_sizes"][part]
         encoded = [
             self._encode(crops, size, keep is not None)
-            for crops, size, keep in zip(pixel_values, image_sizes, plans.keeps, strict=True)
+            for crops, size, keep in zip(image_input["pixel_values"][part], sizes, plans.keeps,
+                                         strict=True)
         ]
         units = [u for u, _ in encoded]
-        picks = self._pick(
-            units, [s for _, s in encoded], plans, lambda i: self.multi_modal_projector(units[i])
-        )
-        out = [
+        scores = [s for _, s in encoded] if plans.any_pruned() else None
+        return EncodedImages(units, scores, lambda i: self.multi_modal_projector(units[i]),
+                             state=sizes)
+
+    def _merge_kept(self, encoded: EncodedImages, picks) -> list[torch.Tensor]:
+        return [
             self._merge_image_patch_embeddings(
                 size, self.multi_modal_projector(u), strategy="spatial_unpad"
             )
             if idx is None
             else self.multi_modal_projector(u.index_select(0, idx))
-            for u, size, idx in zip(units, image_sizes, picks, strict=True)
+            for u, size, idx in zip(encoded.units, encoded.state, picks, strict=True)
         ]
-        kept = [i for i, k in enumerate(plans.keeps) if k is not None]
-        check_counts([out[i] for i in kept], [plans.keeps[i] for i in kept])
-        return out
 
     def _encode(
         self, crops: torch.Tensor, image_size: torch.Tensor, pruned: bool

@@ -39,8 +39,8 @@ from vllm.multimodal.video_prune.evs import compute_retention_mask
 
 from idselect.importance import attention_received, feature_norm, merge_units
 from idselect.vllm_plugin.capture import capture_qk, single_call
-from idselect.vllm_plugin.compat import enable_position_recompute, overrides_vllm
-from idselect.vllm_plugin.embedding import SelectionModelMixin, check_counts
+from idselect.vllm_plugin.compat import enable_position_recompute
+from idselect.vllm_plugin.embedding import EncodedImages, SelectionModelMixin
 from idselect.vllm_plugin.items import ImagePlans
 from idselect.vllm_plugin.mrope import PrunedMRoPEMixin
 from idselect.vllm_plugin.processing import (
@@ -125,41 +125,47 @@ class QwenVLSelectionMixin(SelectionModelMixin, PrunedMRoPEMixin):
         """Per-token scores from the score block's token order to the output's."""
         return scores
 
-    def _embed_images(
-        self, pixel_values: torch.Tensor, grids: list[list[int]], plans: ImagePlans
-    ) -> list[torch.Tensor]:
-        if len(plans) != len(grids):
-            raise RuntimeError(f"{len(plans)} selection plans for {len(grids)} images")
-        pixel_chunks = torch.split(pixel_values, [int(np.prod(g)) for g in grids])
-        out: list[torch.Tensor] = []
-        for part in self._micro_batches(len(grids)):
-            pixels = torch.cat(pixel_chunks[part])
-            out.extend(self._select_images(pixels, grids[part], plans[part]))
-        kept = [i for i, k in enumerate(plans.keeps) if k is not None]
-        check_counts([out[i] for i in kept], [plans.keeps[i] for i in kept])
-        return out
+    # The hooks take (modality, vLLM's parsed input) pairs: the family serves videos too.
 
-    def _select_images(
-        self, pixel_values: torch.Tensor, grids: list[list[int]], plans: ImagePlans
-    ) -> list[torch.Tensor]:
-        """Run the tower on a micro-batch of images; keep ID-Selection's picks of each."""
+    def _embed_as_vllm(self, item):
+        modality, mm_input = item
+        grids = mm_input[f"{modality}_grid_thw"].tolist()
+        if modality != "image":
+            return self._embed_videos(mm_input, grids)
+        embeds = self._process_image_input(mm_input)
+        return [self._with_positions(e, g) for e, g in zip(embeds, grids, strict=True)]
+
+    def _num_images(self, item) -> int:
+        return len(item[1]["image_grid_thw"])
+
+    def _encode_images(self, item, part: slice, plans: ImagePlans) -> EncodedImages:
+        """Run the tower on a micro-batch of images, capturing the score block's q/k."""
+        image_input = item[1]
+        all_grids = image_input["image_grid_thw"].tolist()
+        pixels = torch.cat(torch.split(image_input["pixel_values"],
+                                       [int(np.prod(g)) for g in all_grids])[part])
+        grids = all_grids[part]
         if any(g[0] != 1 for g in grids):
             raise RuntimeError(f"images must have one temporal patch, got grids {grids}")
         metadata = self.visual.prepare_encoder_metadata(grids)
         attn = self.visual.blocks[self._score_block].attn
         capture = plans.any_pruned() and self.visual_score == "attention"
         with capture_qk(attn.attn) if capture else nullcontext() as captured:
-            embeds = self.visual(pixel_values, grid_thw=grids, encoder_metadata=metadata)
+            embeds = self.visual(pixels, grid_thw=grids, encoder_metadata=metadata)
         fulls = [int(np.prod(g)) // self._merge_unit for g in grids]
         embeds = list(torch.split(embeds, fulls))
-        if not plans.any_pruned():
-            return [self._with_positions(e, g) for e, g in zip(embeds, grids, strict=True)]
         features = [self._selection_units(e) for e in embeds]
-        if capture:
+        if not plans.any_pruned():
+            scores = None
+        elif capture:
             scores = self._attention_scores(captured, attn, metadata, fulls)
         else:
             scores = [feature_norm(f) for f in features]
-        picks = self._pick(features, scores, plans, lambda i: features[i])
+        return EncodedImages(features, scores, lambda i: features[i], state=(embeds, grids))
+
+    def _merge_kept(self, encoded: EncodedImages, picks) -> list[torch.Tensor]:
+        """Kept rows with their own positions."""
+        embeds, grids = encoded.state
         return [
             self._with_positions(e if r is None else e.index_select(0, r), g, rows=r)
             for e, g, r in zip(embeds, grids, picks, strict=True)
@@ -213,24 +219,11 @@ class IDSelectQwen2_5_VLForConditionalGeneration(
         score_block = max(self.config.vision_config.fullatt_block_indexes)
         self._init_qwen_selection(vllm_config, "Qwen2.5-VL", score_block)
 
-    @overrides_vllm
-    def embed_multimodal(self, **kwargs: object):
-        plans = ImagePlans.pop(kwargs)
-        by_modality = self._parse_and_validate_multimodal_inputs(**kwargs)
-        out: list[torch.Tensor] = []
-        for modality, mm_input in by_modality.items():
-            if mm_input is None:
-                continue
-            grids = mm_input[f"{modality}_grid_thw"].tolist()
-            if modality == "image" and mm_input["type"] == "pixel_values":
-                plans = plans or ImagePlans.unpruned(len(grids))
-                out.extend(self._embed_images(mm_input["pixel_values"], grids, plans))
-            elif modality == "image":
-                embeds = self._process_image_input(mm_input)
-                out.extend(self._with_positions(e, g) for e, g in zip(embeds, grids, strict=True))
-            else:
-                out.extend(self._embed_videos(mm_input, grids))
-        return tuple(out)
+    def _vision_inputs(self, kwargs: dict[str, object]):
+        for modality, mm_input in self._parse_and_validate_multimodal_inputs(**kwargs).items():
+            if mm_input is not None:
+                pixels = modality == "image" and mm_input["type"] == "pixel_values"
+                yield (modality, mm_input), pixels
 
     def _embed_videos(self, video_input, grids: list[list[int]]) -> list[torch.Tensor]:
         embeds = self._process_video_input(video_input)

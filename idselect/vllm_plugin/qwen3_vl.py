@@ -34,7 +34,6 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.inputs import MultiModalFeatureSpec
 
 from idselect.vllm_plugin.compat import overrides_vllm
-from idselect.vllm_plugin.items import ImagePlans
 from idselect.vllm_plugin.qwen2_5_vl import (
     QwenVLInfoMixin,
     QwenVLProcessorMixin,
@@ -70,18 +69,10 @@ class Qwen3VLSelectionMixin(QwenVLSelectionMixin):
         score_block = self.config.vision_config.depth - 1
         self._init_qwen_selection(vllm_config, self.family, score_block)
 
-    @overrides_vllm
-    def embed_multimodal(self, **kwargs: object):
-        plans = ImagePlans.pop(kwargs)
+    def _vision_inputs(self, kwargs: dict[str, object]):
         image_input = self._parse_and_validate_image_input(**kwargs)
-        if image_input is None:
-            return ()
-        grids = image_input["image_grid_thw"].tolist()
-        if image_input["type"] != "pixel_values":
-            embeds = self._process_image_input(image_input)
-            return tuple(self._with_positions(e, g) for e, g in zip(embeds, grids, strict=True))
-        plans = plans or ImagePlans.unpruned(len(grids))
-        return tuple(self._embed_images(image_input["pixel_values"], grids, plans))
+        if image_input is not None:
+            yield ("image", image_input), image_input["type"] == "pixel_values"
 
     def _selection_units(self, embeds: torch.Tensor) -> torch.Tensor:
         return embeds[:, : self.visual_dim]  # the main merger's output, not the DeepStack levels
