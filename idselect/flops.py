@@ -41,6 +41,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from idselect.budget import kept_count
+
 # --------------------------------------------------------------------------------------- shapes
 
 
@@ -166,8 +168,9 @@ def llm_decode_flops(t: TextShape, context: int) -> int:
 
 
 def kept_tokens(shape: LlavaShape, budget: int | None) -> int:
-    n = shape.visual_tokens
-    return n if budget is None else max(0, min(int(budget), n))
+    """Visual tokens the LLM prefills for one image (`idselect.budget.kept_count`)."""
+    kept = kept_count(budget, shape.visual_tokens)
+    return shape.visual_tokens if kept is None else kept
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,11 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from numbers import Integral
-from typing import Literal
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, Field
+
+from idselect.baselines import SELECTOR_NAMES
 
 BUDGET_KEY = "visual_token_budget"
 IMPORTANCE_KEY = "visual_token_importance"
@@ -41,18 +45,15 @@ IMPORTANCE_SOURCES: tuple[str, ...] = ("visual", "text", "unified")
 ImportanceSource = Literal["visual", "text", "unified"]
 # Accepted request values: the sources plus "cls", the older name of "visual" for [CLS] towers.
 IMPORTANCE_NAMES: tuple[str, ...] = (*IMPORTANCE_SOURCES, "cls")
-# The selectors (`idselect.baselines.SELECTORS` has the same names; encoded by index in the item
-# fields, and a bounded metric label).
-SELECTORS: tuple[str, ...] = ("id_select", "topk", "divprune", "random", "pool")
+# The selectors (`idselect.baselines`' registry; encoded by index in the item fields, and a
+# bounded metric label).
+SELECTORS: tuple[str, ...] = SELECTOR_NAMES
 
 
 class OptionError(ValueError):
-    """A client-supplied option is invalid; `param` names it as the client sent it.
-
-    The message starts with the parameter's name: errors raised inside vLLM's processing reach
-    the client through vLLM's own error response, which keeps only the message
-    (`param_in_message` recovers the name from it).
-    """
+    """A client-supplied option is invalid; `param` names it as the client sent it (the HTTP
+    layer answers it with OpenAI's `param`, the processor hands it to vLLM as
+    `VLLMValidationError.parameter`)."""
 
     param = BUDGET_KEY
 
@@ -141,18 +142,30 @@ class VisualOptions:
 _KEYS = {"budget": BUDGET_KEY, "importance": IMPORTANCE_KEY, "selector": SELECTOR_KEY}
 
 
-def param_in_message(message: str) -> str | None:
-    """The option an `OptionError` message is about, or None."""
-    for key in OPTION_KEYS:
-        for param in (key, f"mm_processor_kwargs.{key}"):
-            if message.startswith(param) and message[len(param) : len(param) + 1] in (" ", ""):
-                return param
-    return None
+class RequestFields(BaseModel):
+    """The options as request fields, for documents that describe requests (the served
+    `/openapi.json`): the same rules `VisualOptions.parse` enforces, as JSON Schema (which
+    cannot tell 16 from 16.0; the parser refuses the float)."""
 
+    visual_token_budget: Annotated[int, Field(ge=1)] | None = Field(
+        default=None, title="Visual Token Budget",
+        description="Visual tokens each image may keep after ID-Selection (null or absent: the "
+        "server default; a budget >= the image's token count keeps all).")
+    visual_token_importance: Literal[IMPORTANCE_NAMES] | None = Field(
+        default=None, title="Visual Token Importance",
+        description="Importance score ID-Selection ranks visual tokens by: visual (the "
+        "vision tower's own saliency), text (relevance to the prompt), unified (their mean); "
+        "cls is visual's older name on towers with a [CLS] token (null or absent: the server "
+        "default).")
+    visual_token_selector: Literal[SELECTORS] | None = Field(
+        default=None, title="Visual Token Selector",
+        description="How the kept visual tokens are chosen, for A/B comparisons: id_select "
+        "(importance and diversity), topk, divprune, random (seeded per image), pool (null or "
+        "absent: the server default).")
 
-def validate_budget(value: object) -> int | None:
-    """A budget as an int, or None for "not given" (see the module docstring)."""
-    return _budget(value, BUDGET_KEY)
+    @classmethod
+    def json_schema_properties(cls) -> dict[str, dict]:
+        return cls.model_json_schema()["properties"]
 
 
 def _budget(value: object, param: str) -> int | None:

@@ -22,6 +22,8 @@ from idselect.options import (
     IMPORTANCE_NAMES,
     SELECTOR_KEY,
     SELECTORS,
+    OptionError,
+    VisualOptions,
 )
 from idselect.selection import BACKEND_ENV, BACKENDS
 from server.media_policy import (
@@ -33,11 +35,12 @@ from server.media_policy import (
 )
 
 # vLLM adds these in order and each added one wraps the ones before: the last is outermost.
+# The API-key check comes before any request is looked at; OpenAI's error shape wraps it.
 MIDDLEWARE = (
     "server.middleware.engine_guard.EngineGuardMiddleware",
     "server.middleware.visual_usage.VisualBudgetMiddleware",
-    "server.middleware.openai_errors.OpenAIErrorMiddleware",
     "server.middleware.auth.ApiKeyMiddleware",
+    "server.middleware.openai_errors.OpenAIErrorMiddleware",
     "server.middleware.openapi_schema.OpenAPISchemaMiddleware",
 )
 # Defaults that differ from `vllm serve`'s: drain in-flight requests for up to 30 s on SIGTERM
@@ -48,6 +51,34 @@ MIDDLEWARE = (
 SHUTDOWN_TIMEOUT_S = 30
 DEFAULT_IMAGE_LIMIT = 8
 MM_PROCESSOR_CACHE_GB = 0
+
+
+def _option(key: str, convert=str):
+    """An argparse type for a deployment default of a request option: the same validator as
+    the request's (`VisualOptions.parse`). argparse also runs it on a string default, i.e. on
+    the value an environment variable gives, and names the flag in its error."""
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+        try:
+            return VisualOptions.parse({key: value}).as_kwargs()[key]
+        except OptionError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    parse.__name__ = key  # argparse's "invalid <name> value" messages
+    return parse
+
+
+def _one_of(names: tuple[str, ...]):
+    def parse(text: str) -> str:
+        if text not in names:
+            raise argparse.ArgumentTypeError(f"must be one of {', '.join(names)}, got {text!r}")
+        return text
+
+    return parse
 
 
 def _positive_int(text: str) -> int:
@@ -70,14 +101,21 @@ def _positive_float(text: str) -> float:
     return value
 
 
+_metrics_dir: tempfile.TemporaryDirectory | None = None
+
+
 def _use_multiprocess_metrics() -> None:
     """Aggregate metrics of every process on one /metrics page.
 
-    Must run before prometheus_client is imported (it picks its value store at import). A
-    directory the operator set is used as is, like vLLM does; otherwise a fresh one per run.
+    What vLLM's `setup_multiprocess_prometheus` does (a directory the operator set is used as
+    is; otherwise a temporary one, removed at exit), but before prometheus_client is imported:
+    it picks its value store at import, and vLLM's helper imports it first, too late for the
+    counters this process (the API server) records itself.
     """
+    global _metrics_dir
     if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="idselect-metrics-")
+        _metrics_dir = tempfile.TemporaryDirectory(prefix="idselect-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_dir.name
 
 
 def build_parser():
@@ -95,14 +133,15 @@ def build_parser():
     group = parser.add_argument_group("idselect")
     group.add_argument(
         "--visual-token-budget",
-        type=_positive_int,
+        type=_option(BUDGET_KEY, int),
         default=os.environ.get("IDSELECT_VISUAL_TOKEN_BUDGET") or None,
         help="Default visual tokens per image when a request gives no visual_token_budget "
         "(default: no pruning; env IDSELECT_VISUAL_TOKEN_BUDGET).",
     )
     group.add_argument(
         "--visual-token-importance",
-        choices=IMPORTANCE_NAMES,
+        type=_option(IMPORTANCE_KEY),
+        metavar="{" + ",".join(IMPORTANCE_NAMES) + "}",
         default=os.environ.get("IDSELECT_VISUAL_TOKEN_IMPORTANCE") or None,
         help="Default importance score when a request gives no visual_token_importance: visual "
         "(the vision tower's own saliency, the default; cls is its older name on [CLS] towers), "
@@ -111,7 +150,8 @@ def build_parser():
     )
     group.add_argument(
         "--visual-token-selector",
-        choices=SELECTORS,
+        type=_option(SELECTOR_KEY),
+        metavar="{" + ",".join(SELECTORS) + "}",
         default=os.environ.get("IDSELECT_VISUAL_TOKEN_SELECTOR") or None,
         help="Default selector when a request gives no visual_token_selector: id_select (the "
         "default), or a baseline for A/B runs: topk (importance only), divprune (diversity "
@@ -120,7 +160,8 @@ def build_parser():
     )
     group.add_argument(
         "--selection-backend",
-        choices=BACKENDS,
+        type=_one_of(BACKENDS),
+        metavar="{" + ",".join(BACKENDS) + "}",
         default=os.environ.get(BACKEND_ENV) or "auto",
         help="How the model workers run ID-Selection's greedy loop: triton (one kernel launch "
         "per encoder batch, CUDA), torch, or auto (triton on CUDA when it imports, else torch); "
@@ -171,19 +212,16 @@ def build_parser():
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     from idselect.vllm_plugin.compat import serve_entry_points
+    from idselect.vllm_plugin.settings import PluginSettings
 
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.model_tag is not None:
         args.model = args.model_tag
-    if isinstance(args.visual_token_budget, str):  # from the environment
-        args.visual_token_budget = _positive_int(args.visual_token_budget)
-    if args.selection_backend not in BACKENDS:  # from the environment
-        parser.error(f"{BACKEND_ENV} must be one of {', '.join(BACKENDS)}")
-    if args.visual_token_importance not in (None, *IMPORTANCE_NAMES):  # from the environment
-        parser.error(f"--visual-token-importance must be one of {', '.join(IMPORTANCE_NAMES)}")
-    if args.visual_token_selector not in (None, *SELECTORS):  # from the environment
-        parser.error(f"--visual-token-selector must be one of {', '.join(SELECTORS)}")
+    try:  # the idselect settings given through vLLM's own flag (gamma, suppression, ...)
+        PluginSettings.from_mapping(args.hf_overrides or {})
+    except ValueError as exc:
+        parser.error(f"--hf-overrides: {exc}")
     serve_entry_points().validate_parsed_serve_args(args)
     if args.api_server_count not in (None, 1) or args.headless:
         parser.error("idselect serve runs a single API server; --api-server-count/--headless "
@@ -196,9 +234,12 @@ def _adopt_idselect_options(args: argparse.Namespace) -> dict:
     keys = [k for k in (args.api_key or []) if k] or [
         k for k in (os.environ.get("IDSELECT_API_KEY"), os.environ.get("VLLM_API_KEY")) if k
     ]
-    # Our middleware authenticates (OpenAI-shaped 401); keep vLLM's own from doubling it.
+    # vLLM's check, at our place in the stack (server.middleware.auth); not its own as well.
     args.api_key = None
     os.environ.pop("VLLM_API_KEY", None)
+    from server.middleware import auth
+
+    auth.configure(keys)
 
     defaults = {BUDGET_KEY: args.visual_token_budget, IMPORTANCE_KEY: args.visual_token_importance,
                 SELECTOR_KEY: args.visual_token_selector}
@@ -214,7 +255,11 @@ def _adopt_idselect_options(args: argparse.Namespace) -> dict:
     args.middleware = [*(args.middleware or []), *MIDDLEWARE]
     if not args.limit_mm_per_prompt:
         args.limit_mm_per_prompt = {"image": DEFAULT_IMAGE_LIMIT}
-    return {"api_keys": keys, "trust_all": trust_all}
+    from idselect.vllm_plugin.settings import PluginSettings
+
+    # Valid by construction (each flag and --hf-overrides were checked by parse_args).
+    settings = PluginSettings.from_mapping(args.hf_overrides or {})
+    return {"api_keys": keys, "trust_all": trust_all, "settings": settings}
 
 
 def media_policy(args: argparse.Namespace) -> MediaPolicy:
@@ -236,7 +281,6 @@ async def run(args: argparse.Namespace, options: dict) -> None:
 
     from idselect.vllm_plugin import compat, usage
     from idselect.vllm_plugin.selfcheck import PluginNotActiveError, verify_async
-    from idselect.vllm_plugin.settings import PluginSettings
     from server import media_fetch
     from server.middleware import engine_guard
     from server.settings import ServerSettings
@@ -253,7 +297,6 @@ async def run(args: argparse.Namespace, options: dict) -> None:
         engine_guard.watch_shutdown(engine_client)
         engine_processes = _engine_processes(psutil.Process())
         model_config = engine_client.model_config
-        hf_config = model_config.hf_config
         try:
             await verify_async(engine_client.collective_rpc, model_config.architectures)
         except PluginNotActiveError as exc:
@@ -262,22 +305,11 @@ async def run(args: argparse.Namespace, options: dict) -> None:
         # HTTP layer (not by processing outside requests, e.g. /tokenize).
         compat.propagate_to_processing(engine_client.renderer)
         usage.count_in_http_layer()
-        defaults = PluginSettings.from_hf_config(hf_config).defaults
         args.idselect = ServerSettings(
-            defaults=defaults,
-            trust_all_mm_kwargs=options["trust_all"],
-            api_key_digests=tuple(ServerSettings.digest(k) for k in options["api_keys"]),
-            max_request_bytes=args.max_request_bytes,
-        )
+            trust_all_mm_kwargs=options["trust_all"], max_request_bytes=args.max_request_bytes)
         logger.info(
             "idselect: ID-Selection plugin active in the model workers of vLLM %s; model=%s, "
-            "default visual_token_budget=%s, visual_token_importance=%s, "
-            "visual_token_selector=%s, API key %s",
-            compat.check_release(),
-            args.model,
-            defaults.budget or "none (full)",
-            defaults.importance or "visual",
-            defaults.selector or "id_select",
+            "%s; API key %s", compat.check_release(), args.model, options["settings"].describe(),
             "required" if options["api_keys"] else "not required",
         )
         logger.info("idselect: media %s", media_fetch.current_policy())

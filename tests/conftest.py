@@ -20,6 +20,8 @@ from tests.triton_interpreter import import_interpreted  # noqa: E402
 
 import_interpreted()
 
+from collections.abc import Iterator  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -45,3 +47,14 @@ def make_image(seed: int, size: tuple[int, int] = (336, 336)) -> Image.Image:
     base = np.kron(blocks, np.ones((h // 6 + 1, w // 6 + 1, 1), dtype=np.uint8))[:h, :w]
     noise = rng.integers(-20, 21, size=(h, w, 3))
     return Image.fromarray(np.clip(base.astype(int) + noise, 0, 255).astype(np.uint8))
+
+
+@contextmanager
+def refused(parameter: str, match: str | None = None) -> Iterator[None]:
+    """The block raises the processor's refusal of an idselect option (vLLM's validation error,
+    a 400 naming `parameter` through the server), and names `parameter` as data."""
+    from idselect.vllm_plugin.processing import OptionRefused
+
+    with pytest.raises(OptionRefused, match=match or parameter) as info:
+        yield
+    assert info.value.parameter == parameter

@@ -27,7 +27,7 @@ import atheris
 import PIL.Image
 
 with atheris.instrument_imports(include=["server", "idselect"]):
-    from idselect.options import BUDGET_KEY, IMPORTANCE_KEY, IMPORTANCE_SOURCES, VisualOptions
+    from idselect.options import BUDGET_KEY, IMPORTANCE_KEY, IMPORTANCE_NAMES, OPTION_KEYS
     from server.media_policy import (
         MediaPolicy,
         MediaRefused,
@@ -40,11 +40,7 @@ with atheris.instrument_imports(include=["server", "idselect"]):
 
 # PIL warns above its own default limit; check_pixels' own limits are what is under test.
 warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)
-SETTINGS = (
-    ServerSettings(),
-    ServerSettings(defaults=VisualOptions(budget=32, importance="text")),
-    ServerSettings(trust_all_mm_kwargs=True),
-)
+SETTINGS = (ServerSettings(), ServerSettings(trust_all_mm_kwargs=True))
 POLICIES = (
     MediaPolicy(),
     MediaPolicy(allowed_domains=("images.example.com", "10.0.0.5")),
@@ -129,14 +125,16 @@ def _check_request(body: dict[str, Any], settings: ServerSettings, chat: bool) -
         return
     assert request is not None
     rewritten = request.body
-    assert BUDGET_KEY not in rewritten and IMPORTANCE_KEY not in rewritten
+    assert not set(OPTION_KEYS) & set(rewritten)
     json.dumps(rewritten)  # what the budget layer sends on
     mm = rewritten.get("mm_processor_kwargs")
     if mm is not None and not settings.trust_all_mm_kwargs:
-        assert set(mm) <= {BUDGET_KEY, IMPORTANCE_KEY}, mm
+        assert set(mm) <= set(OPTION_KEYS), mm
     budget = request.options.budget
     assert budget is None or (type(budget) is int and budget >= 1), budget
-    assert request.options.source in IMPORTANCE_SOURCES, request.options
+    assert request.options.importance in (None, *IMPORTANCE_NAMES), request.options
+    # What the processor receives, kwargs and typed value alike, is the same options.
+    assert {k: v for k, v in (mm or {}).items() if k in OPTION_KEYS} == request.options.as_kwargs()
 
 
 _SCHEMES = ("http", "https", "HTTP", "ftp", "file", "data", "gopher", "")

@@ -100,7 +100,8 @@ def probe_cli() -> dict[str, object]:
         "trust_request_mm_kwargs": args.trust_request_mm_kwargs,
         "middleware": args.middleware, "limit_mm_per_prompt": args.limit_mm_per_prompt,
         "shutdown_timeout": args.shutdown_timeout,
-        "mm_processor_cache_gb": args.mm_processor_cache_gb, "kept": kept,
+        "mm_processor_cache_gb": args.mm_processor_cache_gb,
+        "kept": {**kept, "settings": kept["settings"].describe()},
         "help_has_budget": "--visual-token-budget" in serve.build_parser().format_help(),
     }
 
@@ -143,14 +144,17 @@ def process(processor, size: tuple[int, int], kwargs: dict):
     from vllm.multimodal.processing.context import TimingContext
     from vllm.multimodal.processing.inputs import ProcessorInputs
 
+    from idselect.options import VisualOptions
     from idselect.vllm_plugin import usage
 
     images = [make_image(1, (224, 224)), make_image(2, size)]
     items = processor.info.parse_mm_data({"image": images})
     inputs = ProcessorInputs(prompt=_prompt_ids(processor.info.get_tokenizer(), 2),
                              mm_data_items=items, hf_processor_mm_kwargs=dict(kwargs))
-    with usage.collect() as used:
+    # As `idselect serve` does: the options validated once, handed over in the request's scope.
+    with usage.request(VisualOptions.parse(kwargs)) as scope:
         out = processor.apply(inputs, timing_ctx=TimingContext(enabled=False))
+    used = scope.usage
     mm_items = out["mm_kwargs"]["image"]
     record = {
         "prompt_token_ids": list(out["prompt_token_ids"]),

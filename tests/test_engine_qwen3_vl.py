@@ -15,11 +15,10 @@ import pytest
 import torch
 
 from devtools.tiny_qwen3_vl import write_tiny_qwen3_vl
-from idselect.options import ImportanceError
 from idselect.selection import id_select
 from idselect.vllm_plugin.mrope import decode_positions, media_positions
 from idselect.vllm_plugin.selfcheck import verify_offline
-from tests.conftest import make_image
+from tests.conftest import make_image, refused
 from tests.hf_reference_qwen3_vl import HFQwen3VL
 from tests.test_engine_qwen2_5_vl import (
     PROMPT,
@@ -160,7 +159,7 @@ def test_prompt_aware_importance_matches_reference(llm, hf, importance):
 
 def test_cls_and_videos_are_refused_and_the_engine_keeps_serving(llm, hf):
     image = make_image(18, WIDE)
-    with pytest.raises(ImportanceError, match=r"\[CLS\]"):
+    with refused("visual_token_importance", match=r"\[CLS\]"):
         llm.generate(_request(PROMPT, [image], 16, "cls"), _greedy(1))
     video = [make_image(20 + i, (128, 128)) for i in range(4)]
     video_prompt = PROMPT.replace("<|image_pad|>", "<|video_pad|>")

@@ -291,12 +291,17 @@ def test_vllm_error_bodies_are_mapped_to_openai_shape():
     assert normalise(400, [1, 2]) == [1, 2]
 
 
-def test_key_comparison_is_constant_time(monkeypatch):
-    """Every configured key is compared, always as two 32-byte digests, whatever is presented."""
+def test_key_comparison_is_vllms_constant_time_check(monkeypatch):
+    """The API-key check is vLLM's own (`AuthenticationMiddleware`, at idselect's place in the
+    stack): every configured key is compared, always as two 32-byte digests, whatever is
+    presented."""
     import hmac
+    import secrets
 
-    from server import settings as settings_module
-    from server.settings import ServerSettings
+    from starlette.datastructures import Headers
+
+    from idselect.vllm_plugin.compat import api_key_middleware
+    from server.middleware import auth
 
     calls: list[tuple[int, int]] = []
 
@@ -304,11 +309,14 @@ def test_key_comparison_is_constant_time(monkeypatch):
         calls.append((len(a), len(b)))
         return hmac.compare_digest(a, b)
 
-    monkeypatch.setattr(settings_module.secrets, "compare_digest", recording)
+    monkeypatch.setattr(secrets, "compare_digest", recording)
     keys = ("first-key", "second-key-which-is-longer", KEY)
-    s = ServerSettings(None, api_key_digests=tuple(ServerSettings.digest(k) for k in keys))
+    monkeypatch.setattr(auth, "_keys", keys)
+    middleware = auth.ApiKeyMiddleware(app=None)
+    assert isinstance(middleware, api_key_middleware()) and not middleware.open
     for presented, expected in (("", False), ("x", False), ("first-key", True),
                                 ("y" * 10_000, False), (KEY, True)):
         calls.clear()
-        assert s.key_matches(presented) is expected
+        headers = Headers({"authorization": f"Bearer {presented}"})
+        assert middleware.verify_token(headers) is expected
         assert calls == [(32, 32)] * len(keys)

@@ -128,6 +128,12 @@ def serve_entry_points() -> ServeEntryPoints:
     )
 
 
+def api_key_middleware() -> type:
+    """vLLM's API-key check (sha256 digests, constant-time comparison, /v1 only)."""
+    return _find("API-key authentication (AuthenticationMiddleware)", [
+        ("vllm.entrypoints.serve.middleware.authenticate", "AuthenticationMiddleware")])
+
+
 def failed_engine_process(engine_client: object) -> str | None:
     """Name of an engine process that exited with an error while serving (vLLM records it on
     the engine core client's process manager); None when none did or it cannot be told."""
@@ -332,6 +338,8 @@ def hooks_report() -> dict[str, str]:
         if not callable(getattr(BaseRenderer, name, None)):
             raise VLLMHookMissing("visual usage reporting", f"BaseRenderer.{name}")
     report["renderer"] = f"{BaseRenderer.__module__}.{BaseRenderer.__qualname__}"
+    auth = api_key_middleware()
+    report["auth"] = f"{auth.__module__}.{auth.__qualname__}"
     for runner, how in position_recompute_readers().items():
         report[f"positions.{runner}"] = how
     return report

@@ -3,8 +3,11 @@
 Put `SelectionInfoMixin` before a vLLM ProcessingInfo class and `SelectionProcessorMixin` before
 its multimodal processor. Per request they:
 
-1. parse the options once (`VisualOptions`, deployment defaults resolved by `PluginSettings`),
-   refuse what this backbone cannot do, and keep our keys away from transformers;
+1. take the request's options (`VisualOptions`): as the HTTP layer validated them
+   (`usage.current()`), or, where the processor is where they enter (offline `vllm.LLM`, vLLM's
+   other endpoints), parsed from the request's `mm_processor_kwargs`; fill in the deployment
+   defaults (`PluginSettings`, read once per processor), refuse what this backbone cannot do
+   (`OptionRefused`: vLLM's 400 with its `param`), and keep our keys away from transformers;
 2. give each image its kept count from the model's own counts (`ItemTokens`): `min(K,
    selectable)` when the budget is below the image's full count, else unpruned; a fixed function of
    the image and K, known before the encoder runs;
@@ -25,15 +28,17 @@ import dataclasses
 import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 from transformers import BatchFeature
+from vllm.exceptions import VLLMValidationError
 from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
 from vllm.multimodal.parse import ImageProcessorItems, MultiModalDataItems
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 from vllm.multimodal.processing.inputs import ProcessorInputs
 
-from idselect.budget import budget_bucket
+from idselect.budget import budget_bucket, kept_count
 from idselect.options import (
     BUDGET_KEY,
     OPTION_KEYS,
@@ -71,11 +76,15 @@ _request: contextvars.ContextVar[_Request | None] = contextvars.ContextVar(
 )
 
 
-def kept_count(budget: int | None, tokens: ItemTokens) -> int | None:
-    """Tokens an image keeps under a budget; None when it is served unpruned."""
-    if budget is None or budget >= tokens.full:
-        return None
-    return min(budget, tokens.selectable)
+class OptionRefused(VLLMValidationError):
+    """An idselect option the processor refused: vLLM answers it with HTTP 400 whose `param` is
+    this error's `parameter`; offline callers get it from `LLM.generate`."""
+
+    def __init__(self, error: OptionError) -> None:
+        super().__init__(str(error), parameter=error.param)
+
+    def __str__(self) -> str:  # vLLM's appends "(parameter=...)": it travels as data here
+        return str(self.args[0])
 
 
 # The images the current HF processor call handles, in order (around `_apply_hf_processor_main`).
@@ -108,18 +117,20 @@ class SelectionInfoMixin(ChecksVLLMOverrides):
     # The backbone's visual score is [CLS] attention: the request name "cls" is accepted.
     has_cls_token = True
 
-    def get_settings(self) -> PluginSettings:
+    @cached_property
+    def settings(self) -> PluginSettings:
+        """The deployment's settings, read from the model's config once per processor."""
         return PluginSettings.from_hf_config(self.get_hf_config())
 
-    def request_options(self, hf_processor_mm_kwargs: Mapping[str, object]) -> VisualOptions:
-        """The request's options, validated, with the deployment defaults filled in."""
-        requested = VisualOptions.parse(hf_processor_mm_kwargs)
+    def resolve(self, requested: VisualOptions) -> VisualOptions:
+        """A request's (valid) options with the deployment defaults filled in; refuses what
+        this backbone cannot do."""
         if requested.importance == "cls" and not self.has_cls_token:
             raise ImportanceError(
                 "visual_token_importance 'cls' needs a vision tower with a [CLS] token, and "
                 "this model's has none: use 'visual' (its own visual saliency score)"
             )
-        return requested.resolved(self.get_settings().defaults)
+        return requested.resolved(self.settings.defaults)
 
     @overrides_vllm
     def get_hf_processor(self, **kwargs: object):
@@ -170,7 +181,8 @@ class SelectionProcessorMixin(ChecksVLLMOverrides):
         if processed_data.get("pixel_values") is not None:
             request = _request.get()
             budget = request.options.budget if request is not None else None
-            keeps = [kept_count(budget, t) for t in self.info.item_tokens(processed_data)]
+            keeps = [kept_count(budget, t.full, t.selectable)
+                     for t in self.info.item_tokens(processed_data)]
             options = request.options if request is not None else VisualOptions().resolved(
                 VisualOptions())
             text_ids = request.text_ids if request is not None else ()
@@ -225,13 +237,19 @@ class SelectionProcessorMixin(ChecksVLLMOverrides):
         if _profiling.get():  # dummy inputs: never pruned (the memory profile is the maximum)
             return super().apply(inputs, timing_ctx)
         # The per-item hooks below may not run at all (every image served from the processor
-        # cache): parse and check the options here, once per request.
+        # cache): resolve the options here, once per request.
         kwargs = inputs.hf_processor_mm_kwargs
-        options = self.info.request_options(kwargs)
-        given_budget = kwargs.get(BUDGET_KEY) is not None
+        scope = usage.current()
         images = inputs.mm_data_items.get("image")
-        if given_budget and images is not None and not isinstance(images, ImageProcessorItems):
-            raise BudgetError(f"{BUDGET_KEY} cannot be applied to precomputed image embeddings")
+        try:
+            requested = scope.options if scope is not None else VisualOptions.parse(kwargs)
+            options = self.info.resolve(requested)
+            if (requested.budget is not None and images is not None
+                    and not isinstance(images, ImageProcessorItems)):
+                raise BudgetError(
+                    f"{BUDGET_KEY} cannot be applied to precomputed image embeddings")
+        except OptionError as exc:
+            raise OptionRefused(exc) from None
         text_ids: tuple[int, ...] = ()
         if options.source != "visual":
             text_ids = self._prompt_text_ids(inputs)
@@ -244,7 +262,7 @@ class SelectionProcessorMixin(ChecksVLLMOverrides):
             result = super().apply(inputs, timing_ctx)
         finally:
             _request.reset(token)
-        usage.report(self._image_usage(inputs, result, options))
+        usage.report(self._image_usage(inputs, result, options), options)
         return result
 
     def _prompt_text_ids(self, inputs: ProcessorInputs) -> tuple[int, ...]:
@@ -291,12 +309,18 @@ class UnprunedProcessorMixin(ChecksVLLMOverrides):
 
     @overrides_vllm
     def apply(self, inputs: ProcessorInputs, timing_ctx) -> object:
-        for key in VisualOptions.parse(inputs.hf_processor_mm_kwargs).as_kwargs():
-            raise OptionError(
+        scope = usage.current()
+        try:
+            requested = (scope.options if scope is not None
+                         else VisualOptions.parse(inputs.hf_processor_mm_kwargs))
+        except OptionError as exc:
+            raise OptionRefused(exc) from None
+        for key in requested.as_kwargs():
+            raise OptionRefused(OptionError(
                 f"{key} cannot be applied: this model's vision tower is served unpruned by "
                 "idselect (it has no importance score ID-Selection can use)",
                 key,
-            )
+            ))
         result = super().apply(inputs, timing_ctx)
         if not _profiling.get():
             placeholders = result["mm_placeholders"].get("image", [])

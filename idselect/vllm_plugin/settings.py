@@ -8,6 +8,7 @@ one object vLLM hands, unchanged, to the front-end processor and to every spawne
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -15,13 +16,15 @@ import torch
 from vllm.logger import init_logger
 
 from idselect.options import OPTION_KEYS, VisualOptions
-from idselect.selection import resolve_backend
+from idselect.selection import check_gamma, check_suppression, resolve_backend
 
 logger = init_logger("vllm.idselect.plugin")  # under "vllm": vLLM's log handlers
 
 GAMMA_KEY = "idselect_gamma"
 SUPPRESSION_KEY = "idselect_suppression"
 MICRO_BATCH_KEY = "idselect_encoder_micro_batch"
+# Every key of the HF config that carries an idselect setting.
+SETTING_KEYS = (*OPTION_KEYS, GAMMA_KEY, SUPPRESSION_KEY, MICRO_BATCH_KEY)
 
 
 @dataclass(frozen=True)
@@ -35,20 +38,31 @@ class PluginSettings:
     encoder_micro_batch: int = 8
     # The backend `id_select(backend="auto")` resolves to on the model's device (for the log and
     # to fail at start-up, not at the first request, when IDSELECT_SELECTION_BACKEND is wrong).
-    selection_backend: str = "torch"
+    selection_backend: str | None = None  # resolved by `for_model`, on the workers' device
 
     @classmethod
     def from_hf_config(cls, hf_config: Any) -> PluginSettings:
-        defaults = VisualOptions.parse(
-            {key: getattr(hf_config, key, None) for key in OPTION_KEYS}, prefix="default "
-        )
-        gamma = float(getattr(hf_config, GAMMA_KEY, cls.gamma))
-        suppression = getattr(hf_config, SUPPRESSION_KEY, cls.suppression)
-        micro = getattr(hf_config, MICRO_BATCH_KEY, cls.encoder_micro_batch)
-        if not gamma > 0:
-            raise ValueError(f"{GAMMA_KEY} must be > 0, got {gamma}")
-        if suppression not in ("subtract", "multiply"):
-            raise ValueError(f"{SUPPRESSION_KEY} must be 'subtract' or 'multiply'")
+        """The settings an HF config (with `hf_overrides` applied) carries, validated."""
+        return cls.from_mapping({key: getattr(hf_config, key) for key in SETTING_KEYS
+                                 if getattr(hf_config, key, None) is not None})
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> PluginSettings:
+        """Validate the settings' keys of a mapping (`hf_overrides`); each error names its key.
+
+        `idselect serve` runs this on its flags before the engine starts, so a bad value stops
+        start-up; the processor and the model read the config with it once each.
+        """
+        defaults = VisualOptions.parse(values, prefix="default ")
+        try:
+            gamma = check_gamma(values.get(GAMMA_KEY, cls.gamma))
+        except ValueError as exc:
+            raise ValueError(f"{GAMMA_KEY}: {exc}") from None
+        try:
+            suppression = check_suppression(values.get(SUPPRESSION_KEY, cls.suppression))
+        except ValueError as exc:
+            raise ValueError(f"{SUPPRESSION_KEY}: {exc}") from None
+        micro = values.get(MICRO_BATCH_KEY, cls.encoder_micro_batch)
         if isinstance(micro, bool) or not isinstance(micro, int) or micro < 1:
             raise ValueError(f"{MICRO_BATCH_KEY} must be an integer >= 1, got {micro!r}")
         return cls(defaults, gamma, suppression, micro)
@@ -77,5 +91,6 @@ class PluginSettings:
             f"default budget: {self.defaults.budget or 'full'}, importance: "
             f"{self.defaults.importance or 'visual'}, selector: "
             f"{self.defaults.selector or 'id_select'}, gamma={self.gamma}, "
-            f"suppression={self.suppression}, selection backend: {self.selection_backend}"
+            f"suppression={self.suppression}"
+            + (f", selection backend: {self.selection_backend}" if self.selection_backend else "")
         )

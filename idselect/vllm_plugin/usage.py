@@ -1,14 +1,17 @@
-"""What the multimodal processor decided for each image of a request: the visual usage.
+"""One request's idselect state, shared by the HTTP layer and the multimodal processor.
 
-The processor (front-end process) is where a request's images get their placeholder counts, so it
-is where the usage is known exactly, for every architecture and image size. It reports each
-processed prompt's images here:
+Inside `idselect serve`, the HTTP layer validates a request's options once and opens a
+`request(options)` scope around it; the processor runs in the same process, on vLLM's processing
+thread (`compat.propagate_to_processing` carries the scope there), and:
 
-- inside `idselect serve`, the HTTP layer opened a `collect()` scope around the request: the
-  images go to that request's `VisualUsage`, which the response's `usage` and the `/metrics`
-  counters are both made from (so they agree by construction);
-- offline (`vllm.LLM`), there is no HTTP layer: the images are counted on the metrics directly.
+- takes the options from the scope instead of parsing the request's `mm_processor_kwargs` again
+  (they are still there, for vLLM's cache hashes);
+- reports what it decided for each image (`report`): its placeholder counts, known exactly there
+  for every architecture and image size. The response's `usage` and the `/metrics` counters are
+  both made from that report, so they agree by construction.
 
+Offline (`vllm.LLM`) and on vLLM's other endpoints there is no scope: the processor is where the
+options enter, so it parses them, and images are counted on the metrics directly.
 A request processed more than once (a retried render) reports its last processing.
 """
 
@@ -19,6 +22,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from idselect.budget import budget_bucket
+from idselect.options import VisualOptions
 from idselect.vllm_plugin import metrics
 
 
@@ -56,8 +61,26 @@ class VisualUsage:
             metrics.record_image(image.bucket, image.original, image.kept)
 
 
-_current: contextvars.ContextVar[VisualUsage | None] = contextvars.ContextVar(
-    "idselect_visual_usage", default=None
+@dataclass
+class RequestScope:
+    """One HTTP request: its options as the edge validated them (deployment defaults not yet
+    applied), and what the processor did with them."""
+
+    options: VisualOptions = field(default_factory=VisualOptions)
+    usage: VisualUsage = field(default_factory=VisualUsage)
+    # The options the processor served the images with (defaults applied); None until it ran.
+    served: VisualOptions | None = None
+
+    def label(self) -> str:
+        """The request's bounded budget label: "full" when no image was pruned, else the bucket
+        of the budget the processor pruned with (or, before it ran, the one the client sent)."""
+        if self.usage.pruned():
+            return budget_bucket((self.served or self.options).budget)
+        return "full" if self.usage.images else budget_bucket(self.options.budget)
+
+
+_current: contextvars.ContextVar[RequestScope | None] = contextvars.ContextVar(
+    "idselect_http_request", default=None
 )
 # Set by `idselect serve` in its API process: processing outside a request scope (vLLM's
 # /tokenize, warm-up) is not traffic there, and requests are counted by the HTTP layer.
@@ -65,14 +88,18 @@ _counted_by_http = False
 
 
 @contextmanager
-def collect() -> Iterator[VisualUsage]:
-    """Scope of one HTTP request: what its processing reports lands in the yielded value."""
-    usage = VisualUsage()
-    token = _current.set(usage)
+def request(options: VisualOptions | None = None) -> Iterator[RequestScope]:
+    """Scope of one HTTP request whose options the edge validated."""
+    scope = RequestScope(options or VisualOptions())
+    token = _current.set(scope)
     try:
-        yield usage
+        yield scope
     finally:
         _current.reset(token)
+
+
+def current() -> RequestScope | None:
+    return _current.get()
 
 
 def count_in_http_layer() -> None:
@@ -80,10 +107,11 @@ def count_in_http_layer() -> None:
     _counted_by_http = True
 
 
-def report(images: list[ImageUsage]) -> None:
+def report(images: list[ImageUsage], served: VisualOptions | None = None) -> None:
     """Called by the processor for each processed prompt (profiling excluded)."""
-    usage = _current.get()
-    if usage is not None:
-        usage.images = list(images)
+    scope = _current.get()
+    if scope is not None:
+        scope.usage.images = list(images)
+        scope.served = served
     elif not _counted_by_http:
         VisualUsage(list(images)).count()

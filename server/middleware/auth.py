@@ -1,44 +1,38 @@
-"""Bearer-token authentication for /v1/*, answering in OpenAI's error shape.
+"""API-key authentication for /v1/*: vLLM's own check, at idselect's place in the stack.
 
-Replaces vLLM's own middleware (whose 401 body is not OpenAI-shaped). Keys are held only as
-sha256 digests and compared in constant time; neither they nor the presented token are logged.
+vLLM's `AuthenticationMiddleware` (keys held as sha256 digests, compared in constant time,
+`/v1` guarded, OPTIONS exempt, neither keys nor tokens logged) does the checking. What differs,
+each covered by tests/test_server.py:
+
+- where it sits: outside idselect's request layer, so an unauthenticated request gets its 401
+  before any body is parsed (vLLM would add its own innermost, after idselect's layers);
+- how its 401 reads: `OpenAIErrorMiddleware`, outside this one, answers vLLM's
+  `{"error": "Unauthorized"}` in OpenAI's error shape.
+
+`idselect serve` hands the keys over with `configure` before the app is built (and keeps them
+from vLLM's `--api-key` so that vLLM does not add its own check as well).
 """
 
 from __future__ import annotations
 
-from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from server.errors import openai_error
-from server.settings import ServerSettings
+from idselect.vllm_plugin.compat import api_key_middleware
 
-GUARDED_PREFIX = "/v1"
+_keys: tuple[str, ...] = ()
 
 
-class ApiKeyMiddleware:
+def configure(keys: list[str]) -> None:
+    global _keys
+    _keys = tuple(k for k in keys if k)
+
+
+class ApiKeyMiddleware(api_key_middleware()):
     def __init__(self, app: ASGIApp) -> None:
-        self.app = app
+        super().__init__(app, tokens=list(_keys))
+        self.open = not _keys  # no key configured: the API is open
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        settings: ServerSettings = scope["app"].state.args.idselect if "app" in scope else None
-        if (
-            scope["type"] != "http"
-            or settings is None
-            or not settings.api_key_digests
-            or scope.get("method") == "OPTIONS"
-            or not scope["path"].removeprefix(scope.get("root_path", "")).startswith(
-                GUARDED_PREFIX
-            )
-        ):
-            await self.app(scope, receive, send)
-            return
-        scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")
-        if scheme.lower() == "bearer" and settings.key_matches(token.strip()):
-            await self.app(scope, receive, send)
-            return
-        response = openai_error(
-            401,
-            "Missing or invalid API key. Send it as 'Authorization: Bearer <key>'.",
-            code="invalid_api_key",
-        )
-        await response(scope, receive, send)
+    def __call__(self, scope: Scope, receive: Receive, send: Send):
+        if self.open:
+            return self.app(scope, receive, send)
+        return super().__call__(scope, receive, send)

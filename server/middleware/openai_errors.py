@@ -1,9 +1,10 @@
 """Rewrite vLLM's error bodies on /v1/* into OpenAI's error shape, keeping status and message.
 
 vLLM answers errors as `{"error": {"message", "type": "BadRequestError", "param", "code": 400}}`
-(an exception class name as `type`, the HTTP status as `code`). OpenAI clients and dashboards
-expect `type` from OpenAI's small set and `code` a string or null; this middleware maps them.
-Bodies that already have OpenAI's shape (ours) pass unchanged; so do streams and successes.
+(an exception class name as `type`, the HTTP status as `code`), and its API-key check as
+`{"error": "Unauthorized"}`. OpenAI clients and dashboards expect `type` from OpenAI's small set
+and `code` a string or null; this middleware maps them. Bodies that already have OpenAI's shape
+(ours) pass unchanged; so do streams and successes.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from idselect.options import param_in_message
 from server.errors import openai_error
 from server.middleware.asgi_body import send_rewritten
 
@@ -42,11 +42,18 @@ def openai_type(status: int) -> str:
     return "server_error" if status >= 500 else "invalid_request_error"
 
 
+UNAUTHORIZED = "Missing or invalid API key. Send it as 'Authorization: Bearer <key>'."
+
+
 def normalise(status: int, payload: Any) -> Any:
     """OpenAI's error shape for one error payload; anything else is returned as is."""
-    if not isinstance(payload, dict) or not isinstance(payload.get("error"), dict):
+    if not isinstance(payload, dict):
         return payload
-    error = payload["error"]
+    error = payload.get("error")
+    if isinstance(error, str):  # vLLM's API-key check: {"error": "Unauthorized"}
+        error = {"message": UNAUTHORIZED if status == 401 else error}
+    if not isinstance(error, dict):
+        return payload
     code = error.get("code")
     if error.get("type") in OPENAI_TYPES and (code is None or isinstance(code, str)):
         return payload
@@ -56,10 +63,6 @@ def normalise(status: int, payload: Any) -> Any:
         )
     param = error.get("param")
     message = str(error.get("message") or f"HTTP {status}")
-    if not isinstance(param, str) and status == 400:
-        # An idselect option the model's processor refused (what only it can know, e.g.
-        # `cls` on a tower without [CLS]): vLLM's response kept only the message.
-        param = param_in_message(message)
     return {"error": {
         "message": message,
         "type": openai_type(status),

@@ -1,7 +1,8 @@
 """Make vLLM's `/openapi.json` say what `idselect serve` accepts and answers.
 
 vLLM's document describes vLLM: it lacks our request fields (`visual_token_budget`,
-`visual_token_importance`), lists message shapes we refuse (custom roles, harmony messages, see
+`visual_token_importance`, `visual_token_selector`: generated from `idselect.options.
+RequestFields`), lists message shapes we refuse (custom roles, harmony messages, see
 `server.request.openai_rules`), declares errors with an integer `code` (ours and OpenAI's
 are strings or null) and omits the statuses we add (401, 413, 503). `extend_schema`
 rewrites the document; the middleware applies it to the response of `GET /openapi.json`, so
@@ -15,13 +16,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from idselect.options import (
-    BUDGET_KEY,
-    IMPORTANCE_KEY,
-    IMPORTANCE_NAMES,
-    SELECTOR_KEY,
-    SELECTORS,
-)
+from idselect.options import RequestFields
 from server.middleware.asgi_body import send_rewritten
 from server.request.openai_rules import LOGIT_BIAS_LIMIT, MAX_CHOICES
 
@@ -36,25 +31,6 @@ _ADDED_ERRORS = {
     "503": "Server shutting down or engine unavailable",
 }
 
-BUDGET_FIELD = {
-    "anyOf": [{"type": "integer", "minimum": 1}, {"type": "null"}],
-    "title": "Visual Token Budget",
-    "description": "Visual tokens each image may keep after ID-Selection (null or absent: the "
-    "server default; a budget >= the image's token count keeps all).",
-}
-IMPORTANCE_FIELD = {
-    "anyOf": [{"type": "string", "enum": list(IMPORTANCE_NAMES)}, {"type": "null"}],
-    "title": "Visual Token Importance",
-    "description": "Importance score ID-Selection ranks visual tokens by (null or absent: the "
-    "server default).",
-}
-SELECTOR_FIELD = {
-    "anyOf": [{"type": "string", "enum": list(SELECTORS)}, {"type": "null"}],
-    "title": "Visual Token Selector",
-    "description": "How the kept visual tokens are chosen, for A/B comparisons: id_select "
-    "(importance and diversity), topk, divprune, random (seeded per image), pool (null or "
-    "absent: the server default).",
-}
 OPENAI_ERROR_INFO = {
     "type": "object",
     "title": "ErrorInfo",
@@ -75,9 +51,7 @@ def extend_schema(schema: dict[str, Any]) -> dict[str, Any]:
         properties = components.get(name, {}).get("properties")
         if properties is None:
             continue
-        properties[BUDGET_KEY] = BUDGET_FIELD
-        properties[IMPORTANCE_KEY] = IMPORTANCE_FIELD
-        properties[SELECTOR_KEY] = SELECTOR_FIELD
+        properties.update(RequestFields.json_schema_properties())
         if isinstance(properties.get("n"), dict):
             properties["n"] = {"anyOf": [{"type": "integer", "minimum": 1,
                                           "maximum": MAX_CHOICES}, {"type": "null"}]}

@@ -1,10 +1,13 @@
 """ASGI middleware around vLLM's completion endpoints: options in, visual usage and metrics out.
 
 Runs outside vLLM's app, so vLLM keeps all request handling (chat templates, streaming, tools,
-errors); this layer only rewrites the JSON body on the way in, and on the way out adds to `usage`
-(also in the final streamed chunk) the visual tokens the multimodal processor reported for this
-request's images (`idselect.vllm_plugin.usage`, collected in this request's context), counts the
-same images on `/metrics` when the response starts with 200, and records request metrics.
+errors, and the one validation of the body as vLLM's request model). On the way in this layer
+parses the JSON body once, applies the rules vLLM lacks (`server.request`: each a named check),
+validates the idselect options into one value, hands it to the processor through the request's
+scope (`idselect.vllm_plugin.usage.request`) and vLLM one rewritten body. On the way out it adds
+to `usage` (also in the final streamed chunk) the visual tokens the multimodal processor reported
+for this request's images, counts the same images on `/metrics` when the response starts with
+200, and records request metrics. Streamed chunks without `usage` pass unparsed.
 """
 
 from __future__ import annotations
@@ -15,14 +18,12 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from idselect.budget import budget_bucket
 from idselect.vllm_plugin import usage as visual_usage
 from server.errors import openai_error
 from server.metrics import code_class, request_metrics
 from server.middleware.openai_errors import normalise
-from server.request.model_guard import check_validates
 from server.request.openai_rules import check_chat_request, check_completion_request
-from server.request.options import OPTION_PATHS, ParsedRequest, RequestRejected, prepare
+from server.request.options import OPTION_PATHS, RequestRejected, prepare
 from server.settings import ServerSettings
 
 
@@ -69,7 +70,6 @@ class VisualBudgetMiddleware:
             try:
                 if isinstance(payload, dict):
                     _CHECKS[path](payload)
-                    check_validates(path, payload)
                 request = prepare(payload, settings, chat=path == "/v1/chat/completions")
             except RequestRejected as exc:
                 await openai_error(400, str(exc), param=exc.param, code=exc.code)(
@@ -82,12 +82,12 @@ class VisualBudgetMiddleware:
 
             new_body = json.dumps(request.body).encode()
             scope = {**scope, "headers": _with_content_length(scope["headers"], len(new_body))}
-            with visual_usage.collect() as images:
-                patcher = _UsagePatcher(send_status, images, request, started)
+            with visual_usage.request(request.options) as visual:
+                patcher = _UsagePatcher(send_status, visual, request.stream, started)
                 try:
                     await self.app(scope, _replay(new_body, receive), patcher.send)
                 finally:
-                    label = patcher.label
+                    label = visual.label()
         finally:
             m = request_metrics()
             m.requests.labels(label, code_class(status["code"])).inc()
@@ -157,28 +157,16 @@ class _UsagePatcher:
     """Adds visual usage to JSON responses and to every SSE chunk that carries `usage`."""
 
     def __init__(
-        self,
-        send: Send,
-        images: visual_usage.VisualUsage,
-        request: ParsedRequest,
-        started: float,
+        self, send: Send, visual: visual_usage.RequestScope, stream: bool, started: float
     ) -> None:
         self._send = send
-        self._images = images
-        self._budget = request.options.budget
+        self._visual = visual
+        self._images = visual.usage
         self._started = started
         self._mode = "pass"  # pass | json | sse
         self._start: Message | None = None
         self._buffer = b""
-        self._first_chunk_seen = not request.stream
-
-    @property
-    def label(self) -> str:
-        """The request's bounded budget label: "full" when its images were all served unpruned,
-        else the bucket of its effective budget (what the processor had by then)."""
-        if self._images.images and not self._images.pruned():
-            return "full"
-        return budget_bucket(self._budget)
+        self._first_chunk_seen = not stream
 
     async def send(self, message: Message) -> None:
         if message["type"] == "http.response.start":
@@ -207,7 +195,8 @@ class _UsagePatcher:
         more = message.get("more_body", False)
         if not self._first_chunk_seen and chunk:
             self._first_chunk_seen = True
-            request_metrics().ttft.labels(self.label).observe(time.perf_counter() - self._started)
+            elapsed = time.perf_counter() - self._started
+            request_metrics().ttft.labels(self._visual.label()).observe(elapsed)
         if self._mode == "pass":
             await self._send(message)
         elif self._mode == "json":

@@ -1,9 +1,10 @@
 """The idselect options of a completion request, validated once, handed to vLLM's processor.
 
-Clients may send `visual_token_budget` / `visual_token_importance` at the top level (the
-documented way) or in `mm_processor_kwargs`. Both are parsed here into one `VisualOptions`
-(`idselect.options`: the only validator), and the body is rewritten so that vLLM's multimodal
-processor receives them in `mm_processor_kwargs`. vLLM would reject any per-request
+Clients may send `visual_token_budget` / `visual_token_importance` / `visual_token_selector` at
+the top level (the documented way) or in `mm_processor_kwargs`. Both are parsed here into one
+`VisualOptions` (`idselect.options`: the only validator). The HTTP layer hands that value to the
+processor (`usage.request`), and rewrites the body so that the options also sit in
+`mm_processor_kwargs`, where vLLM's cache hashes see them. vLLM would reject any per-request
 `mm_processor_kwargs` unless every Hugging Face processor kwarg is opened to clients; the server
 opens them internally and this module lets exactly our keys through.
 """
@@ -27,7 +28,7 @@ _IMAGE_PART_TYPES = {"image_url", "input_image", "image_pil", "image_embeds"}
 @dataclass(frozen=True)
 class ParsedRequest:
     body: dict[str, Any]  # rewritten for vLLM
-    options: VisualOptions  # resolved with the deployment defaults
+    options: VisualOptions  # as the client gave them (the processor adds the defaults)
     stream: bool
 
 
@@ -70,12 +71,8 @@ def prepare(body: Any, settings: ServerSettings, *, chat: bool = True) -> Parsed
         rewritten["mm_processor_kwargs"] = kept_mm
     else:
         rewritten.pop("mm_processor_kwargs", None)
-    check_vllm_options(body, _has_images(body.get("messages")) if chat else False)
-    return ParsedRequest(
-        body=rewritten,
-        options=options.resolved(settings.defaults),
-        stream=body.get("stream") is True,
-    )
+    check_vllm_options(body, _has_images(body.get("messages")) if chat else False, chat)
+    return ParsedRequest(body=rewritten, options=options, stream=body.get("stream") is True)
 
 
 def _has_images(messages: Any) -> bool:

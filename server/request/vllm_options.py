@@ -1,6 +1,7 @@
-"""Values of vLLM's own request extensions that vLLM 0.32 accepts and then fails on with a 500;
-refused with a 400 instead. Each was found by schema fuzzing (benchmarks/schema_fuzz.py) and has
-a regression test (tests/test_schema_fuzz.py, tests/test_edge_fuzz.py).
+"""Values of vLLM's own request fields that vLLM 0.32 accepts and then fails on with a 500;
+refused with a 400 instead. Each was found by schema fuzzing (benchmarks/schema_fuzz.py) or by
+running vLLM's request models on wrongly typed fields (tests/test_vllm_request_rules.py), and
+has a regression test (tests/test_schema_fuzz.py, tests/test_edge_fuzz.py).
 """
 
 from __future__ import annotations
@@ -20,6 +21,14 @@ ENGINE_INT_RANGE = (-(2**63), 2**64 - 1)
 _MAX_DEPTH = 64
 # Ours: validated and consumed before the engine (the plugin clamps budgets to the image).
 _OWN_KEYS = OPTION_KEYS
+
+# Fields vLLM's request models read in `model_validator(mode="before")` hooks, before pydantic
+# checks their types, and the JSON type those hooks assume: any other type crashed the hook
+# (`structured_outputs.get` on a list: AttributeError; iterating `messages: 5` or `null`:
+# TypeError), a 500 where vLLM means a 400. tests/test_vllm_request_rules.py finds every such
+# field. `structured_outputs` may also be null; chat's `messages`, when present, may not.
+PRE_VALIDATED_FIELDS: dict[str, tuple[type, str]] = {"structured_outputs": (dict, "an object")}
+PRE_VALIDATED_CHAT_FIELDS: dict[str, tuple[type, str]] = {"messages": (list, "an array")}
 
 # Beam search scores divide by seq_len ** length_penalty: beyond this the power under- or
 # overflows for any real context length (vLLM: ZeroDivisionError / OverflowError, a 500).
@@ -46,7 +55,23 @@ def _int_out_of_range(value: Any, path: str, depth: int = 0) -> str | None:
     return None
 
 
-def check_vllm_options(body: dict[str, Any], has_images: bool) -> None:
+def check_pre_validated_types(body: dict[str, Any], chat: bool) -> None:
+    """The fields vLLM's pre-validation hooks read have the JSON type the hooks assume."""
+    for key, (kind, name) in PRE_VALIDATED_FIELDS.items():
+        value = body.get(key)
+        if value is not None and not isinstance(value, kind):
+            raise RequestRejected(f"{key} must be {name} or null, got {_kind(value)}", key)
+    for key, (kind, name) in (PRE_VALIDATED_CHAT_FIELDS if chat else {}).items():
+        if key in body and not isinstance(body[key], kind):
+            raise RequestRejected(f"{key} must be {name}, got {_kind(body[key])}", key)
+
+
+def _kind(value: Any) -> str:
+    return "null" if value is None else f"{type(value).__name__} {value!r:.40}"
+
+
+def check_vllm_options(body: dict[str, Any], has_images: bool, chat: bool = True) -> None:
+    check_pre_validated_types(body, chat)
     checked = {key: value for key, value in body.items() if key not in _OWN_KEYS}
     where = _int_out_of_range(checked, "")
     if where is not None:
