@@ -2,7 +2,9 @@
 
 `make demo` (or `python -m devtools.demo`): writes the tiny model (no download), starts
 `idselect serve` on 127.0.0.1, sends the same image question at full budget and at 16 with the
-official `openai` client, prints the visual tokens and prompt sizes, then keeps the server running
+official `openai` client (each budget warmed up first on another image, so the latencies compare
+served requests, not first calls), prints the visual tokens, prompt sizes and latencies, then keeps
+the server running
 until Ctrl-C (`--no-keep-running` stops it right away). The tiny model has random weights: its
 answers are gibberish; the token counts and the wiring are real.
 """
@@ -51,17 +53,22 @@ def main(argv: list[str] | None = None) -> None:
     with running_server(model_dir, log_path, *TINY_MODEL_ARGS, port=args.port) as server:
         client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="none")
         model = client.models.list().data[0].id
-        messages = image_message(QUESTION, _demo_image())
+        image = _demo_image()
+        # Warm-up: a mirrored image (no cache can serve the measured request from it).
+        warm_up = image_message(QUESTION, image.transpose(Image.Transpose.FLIP_LEFT_RIGHT))
+        messages = image_message(QUESTION, image)
         rows = []
         for budget in (None, 16):
+            extra = {} if budget is None else {"visual_token_budget": budget}
+            client.chat.completions.create(model=model, messages=warm_up, max_tokens=8,
+                                           temperature=0, extra_body=extra)
             started = time.perf_counter()
             response = client.chat.completions.create(
-                model=model, messages=messages, max_tokens=8, temperature=0,
-                extra_body={} if budget is None else {"visual_token_budget": budget},
-            )
+                model=model, messages=messages, max_tokens=8, temperature=0, extra_body=extra)
             rows.append((budget, response.usage, time.perf_counter() - started))
 
-        print(f"\n{'visual_token_budget':>20} {'visual tokens':>14} {'prompt tokens':>14} "
+        print("\nlatency: one request per budget, after a warm-up request at that budget")
+        print(f"{'visual_token_budget':>20} {'visual tokens':>14} {'prompt tokens':>14} "
               f"{'latency':>9}")
         for budget, usage, seconds in rows:
             visual = f"{usage.visual_tokens_kept}/{usage.visual_tokens_original}"

@@ -48,13 +48,23 @@ def running_server(
     port: int | None = None,
     env: dict[str, str] | None = None,
     startup_timeout: float = 300,
+    stock: bool = False,
 ) -> Iterator[RunningServer]:
-    """`idselect serve MODEL --host 127.0.0.1 --port P *extra`, stopped (SIGTERM) on exit."""
+    """`idselect serve MODEL --host 127.0.0.1 --port P *extra`, stopped (SIGTERM) on exit.
+
+    `stock`: vLLM's own OpenAI server on the same options instead, with no plugin loaded
+    (`VLLM_PLUGINS=none` names no plugin): the baseline benchmarks compare against."""
     port = port or free_port()
     child_env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
     child_env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the CPU default wants most RAM
     child_env.update(env or {})
-    cmd = [IDSELECT, "serve", str(model), "--host", "127.0.0.1", "--port", str(port), *extra]
+    where = ["--host", "127.0.0.1", "--port", str(port)]
+    if stock:
+        child_env["VLLM_PLUGINS"] = "none"
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+               *where, *extra]
+    else:
+        cmd = [IDSELECT, "serve", str(model), *where, *extra]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env, start_new_session=True

@@ -95,7 +95,7 @@ class VisualOptions:
         an error's `param` names exactly the field the client sent.
         """
         return cls(
-            budget=_budget(values.get(BUDGET_KEY), prefix + BUDGET_KEY),
+            budget=parse_budget(values.get(BUDGET_KEY), prefix + BUDGET_KEY),
             importance=_importance(values.get(IMPORTANCE_KEY), prefix + IMPORTANCE_KEY),
             selector=_name(values.get(SELECTOR_KEY), prefix + SELECTOR_KEY, SELECTORS,
                            SelectorError),
@@ -168,7 +168,9 @@ class RequestFields(BaseModel):
         return cls.model_json_schema()["properties"]
 
 
-def _budget(value: object, param: str) -> int | None:
+def parse_budget(value: object, param: str = BUDGET_KEY) -> int | None:
+    """A visual token budget: an integer >= 1, or None when not given (the one validator of a
+    budget: requests, deployment defaults and the deployment's maximum alike)."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, Integral):

@@ -139,6 +139,15 @@ def build_parser():
         "(default: no pruning; env IDSELECT_VISUAL_TOKEN_BUDGET).",
     )
     group.add_argument(
+        "--max-visual-token-budget",
+        type=_option(BUDGET_KEY, int),
+        default=os.environ.get("IDSELECT_MAX_VISUAL_TOKEN_BUDGET") or None,
+        help="No image keeps more visual tokens than this: requests asking for more get a 400, "
+        "requests without a budget get min(--visual-token-budget, this), and vLLM reserves "
+        "and profiles for this many tokens per image (default: no maximum; env "
+        "IDSELECT_MAX_VISUAL_TOKEN_BUDGET).",
+    )
+    group.add_argument(
         "--visual-token-importance",
         type=_option(IMPORTANCE_KEY),
         metavar="{" + ",".join(IMPORTANCE_NAMES) + "}",
@@ -218,8 +227,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.model_tag is not None:
         args.model = args.model_tag
-    try:  # the idselect settings given through vLLM's own flag (gamma, suppression, ...)
-        PluginSettings.from_mapping(args.hf_overrides or {})
+    cap, default = args.max_visual_token_budget, args.visual_token_budget
+    if cap is not None and default is not None and default > cap:
+        parser.error(f"--visual-token-budget {default} is above --max-visual-token-budget {cap}: "
+                     "no image may keep more than the maximum")
+    try:  # with what --hf-overrides gives (gamma, suppression, ...), the flags winning
+        PluginSettings.from_mapping(_idselect_overrides(args))
     except ValueError as exc:
         parser.error(f"--hf-overrides: {exc}")
     serve_entry_points().validate_parsed_serve_args(args)
@@ -229,8 +242,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def _idselect_overrides(args: argparse.Namespace) -> dict:
+    """`--hf-overrides` with the idselect flags added: the HF config carries the deployment's
+    settings to the processor and to every model worker."""
+    from idselect.vllm_plugin.settings import MAX_BUDGET_KEY
+
+    flags = {BUDGET_KEY: args.visual_token_budget, IMPORTANCE_KEY: args.visual_token_importance,
+             SELECTOR_KEY: args.visual_token_selector,
+             MAX_BUDGET_KEY: args.max_visual_token_budget}
+    overrides = args.hf_overrides if isinstance(args.hf_overrides, dict) else {}
+    return {**overrides, **{key: value for key, value in flags.items() if value is not None}}
+
+
 def _adopt_idselect_options(args: argparse.Namespace) -> dict:
     """Turn our flags into vLLM settings; return what the HTTP layer keeps for itself."""
+    from idselect.vllm_plugin.settings import PluginSettings
+
     keys = [k for k in (args.api_key or []) if k] or [
         k for k in (os.environ.get("IDSELECT_API_KEY"), os.environ.get("VLLM_API_KEY")) if k
     ]
@@ -241,11 +268,9 @@ def _adopt_idselect_options(args: argparse.Namespace) -> dict:
 
     auth.configure(keys)
 
-    defaults = {BUDGET_KEY: args.visual_token_budget, IMPORTANCE_KEY: args.visual_token_importance,
-                SELECTOR_KEY: args.visual_token_selector}
-    given = {key: value for key, value in defaults.items() if value is not None}
-    if given:  # the HF config carries deployment defaults to the processor and every worker
-        args.hf_overrides = {**(args.hf_overrides or {}), **given}
+    overrides = _idselect_overrides(args)
+    if overrides:
+        args.hf_overrides = overrides
     # The model workers read it when they resolve id_select(backend="auto"); they inherit it.
     os.environ[BACKEND_ENV] = args.selection_backend
     trust_all = bool(args.trust_request_mm_kwargs)
@@ -255,10 +280,8 @@ def _adopt_idselect_options(args: argparse.Namespace) -> dict:
     args.middleware = [*(args.middleware or []), *MIDDLEWARE]
     if not args.limit_mm_per_prompt:
         args.limit_mm_per_prompt = {"image": DEFAULT_IMAGE_LIMIT}
-    from idselect.vllm_plugin.settings import PluginSettings
-
     # Valid by construction (each flag and --hf-overrides were checked by parse_args).
-    settings = PluginSettings.from_mapping(args.hf_overrides or {})
+    settings = PluginSettings.from_mapping(overrides)
     return {"api_keys": keys, "trust_all": trust_all, "settings": settings}
 
 

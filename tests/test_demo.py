@@ -21,3 +21,4 @@ def test_demo_runs_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "16/576" in proc.stdout and "576/576" in proc.stdout
     assert "saved 560 of 576 visual tokens (97.2%)" in proc.stdout
+    assert "after a warm-up request at that budget" in proc.stdout

@@ -221,6 +221,7 @@ def test_compose_gpu_service(compose_config):
     # Model first (the image's ENTRYPOINT is `idselect serve`), from the env file.
     assert svc["command"][0] == "llava-hf/llava-1.5-7b-hf"
     assert svc["environment"]["IDSELECT_VISUAL_TOKEN_BUDGET"] == "64"
+    assert svc["environment"]["IDSELECT_MAX_VISUAL_TOKEN_BUDGET"] == "192"
     assert "IDSELECT_API_KEY" in svc["environment"]
     assert any(v.startswith("models:/models") for v in svc["volumes"])
     assert "/health" in " ".join(svc["healthcheck"]["test"])
@@ -716,6 +717,7 @@ def test_default_values_render_a_gpu_deployment(chart):
     assert container["command"] == ["idselect", "serve"]
     assert container["args"][0] == "llava-hf/llava-1.5-7b-hf"
     assert "--visual-token-budget" not in container["args"]  # null: the server default
+    assert "--max-visual-token-budget" not in container["args"]
     assert int(container["resources"]["limits"]["nvidia.com/gpu"]) == 1
     assert "IDSELECT_API_KEY" not in {e["name"] for e in container["env"]}
     _assert_probes_on_health(container)
@@ -740,6 +742,8 @@ def test_gpu_monitoring_autoscaling_values(chart):
     assert args[0] == values["model"]
     i = args.index("--visual-token-budget")
     assert args[i + 1] == str(values["visualTokenBudget"])
+    i = args.index("--max-visual-token-budget")
+    assert args[i + 1] == str(values["maxVisualTokenBudget"])
     assert args[-len(values["extraArgs"]) :] == values["extraArgs"]
 
     env = {e["name"]: e for e in container["env"]}
@@ -822,6 +826,7 @@ def test_cpu_values_have_no_gpu_and_write_the_tiny_model(chart):
     [
         {"visualTokenBudget": 0},
         {"visualTokenBudget": "64"},
+        {"maxVisualTokenBudget": 0},
         {"gpu": {"count": -1}},
         {"modle": "typo"},
         {"keda": {"threshold": 5}},
@@ -830,6 +835,7 @@ def test_cpu_values_have_no_gpu_and_write_the_tiny_model(chart):
     ids=[
         "budget-0",
         "budget-string",
+        "max-budget-0",
         "gpu-negative",
         "unknown-key",
         "keda-threshold-number",

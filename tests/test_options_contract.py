@@ -60,20 +60,11 @@ def test_the_documented_schema_and_the_validator_agree(key, value):
     assert documented == accepted, (key, value)
 
 
-def _parse(argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    code = ("import sys; from server.serve import parse_args; "
-            "parse_args(sys.argv[1:]); print('parsed')")
-    return subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True,
-                          timeout=300, env={**_clean_env(), **env})
-
-
-def _clean_env() -> dict[str, str]:
-    import os
-
-    return {k: v for k, v in os.environ.items() if not k.startswith("IDSELECT_")}
-
-
-@pytest.mark.parametrize("argv,env,names", [
+_CLEAN = ("IDSELECT_VISUAL_TOKEN_BUDGET", "IDSELECT_MAX_VISUAL_TOKEN_BUDGET",
+          "IDSELECT_VISUAL_TOKEN_SELECTOR", "IDSELECT_VISUAL_TOKEN_IMPORTANCE",
+          "IDSELECT_SELECTION_BACKEND")
+# (argv, environment, what the error must name); None: it parses.
+CASES = [
     (["m", "--hf-overrides", json.dumps({"idselect_gamma": float("inf")})], {},
      ["--hf-overrides", "idselect_gamma", "finite"]),
     (["m", "--hf-overrides", '{"idselect_suppression": "add"}'], {},
@@ -86,18 +77,63 @@ def _clean_env() -> dict[str, str]:
     (["m"], {"IDSELECT_VISUAL_TOKEN_IMPORTANCE": "attention"},
      ["--visual-token-importance", "attention"]),
     (["m"], {"IDSELECT_SELECTION_BACKEND": "cuda"}, ["--selection-backend", "cuda"]),
-])
-def test_a_bad_deployment_setting_stops_start_up_naming_it(argv, env, names):
-    done = _parse(argv, env)
-    assert done.returncode == 2 and "parsed" not in done.stdout, done.stdout
+    (["m", "--max-visual-token-budget", "0"], {}, ["--max-visual-token-budget", ">= 1"]),
+    (["m"], {"IDSELECT_MAX_VISUAL_TOKEN_BUDGET": "many"}, ["--max-visual-token-budget", "many"]),
+    (["m", "--visual-token-budget", "128", "--max-visual-token-budget", "64"], {},
+     ["--visual-token-budget 128", "--max-visual-token-budget 64"]),
+    (["m", "--visual-token-budget", "16", "--hf-overrides",
+      '{"idselect_max_visual_token_budget": 8}'], {},
+     ["--hf-overrides", "visual_token_budget 16", "idselect_max_visual_token_budget 8"]),
+    (["m", "--visual-token-budget", "32", "--hf-overrides", '{"idselect_gamma": 80}'],
+     {"IDSELECT_VISUAL_TOKEN_SELECTOR": "topk", "IDSELECT_MAX_VISUAL_TOKEN_BUDGET": "32"}, None),
+]
+_PARSE_ALL = """
+import contextlib, io, json, os, sys
+from server.serve import parse_args
+CLEAN = json.loads(sys.argv[2])
+out = []
+for argv, env in json.loads(sys.argv[1]):
+    for key in CLEAN:
+        os.environ.pop(key, None)
+    os.environ.update(env)
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            parse_args(argv)
+        out.append([0, ""])
+    except SystemExit as exc:
+        out.append([exc.code, err.getvalue()])
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def parsed() -> list[tuple[int, str]]:
+    """`idselect serve`'s argument parsing of every case, in one interpreter."""
+    done = subprocess.run([sys.executable, "-c", _PARSE_ALL,
+                           json.dumps([[argv, env] for argv, env, _ in CASES]),
+                           json.dumps(_CLEAN)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_a_bad_deployment_setting_stops_start_up_naming_it(parsed, case):
+    code, stderr = parsed[case]
+    names = CASES[case][2]
+    if names is None:
+        assert code == 0, stderr
+        return
+    assert code == 2
     for name in names:
-        assert name in done.stderr, (name, done.stderr[-1500:])
+        assert name in stderr, (name, stderr[-1500:])
 
 
-def test_good_deployment_settings_parse():
-    done = _parse(["m", "--visual-token-budget", "32", "--hf-overrides",
-                   '{"idselect_gamma": 80}'], {"IDSELECT_VISUAL_TOKEN_SELECTOR": "topk"})
-    assert done.returncode == 0 and "parsed" in done.stdout, done.stderr[-1500:]
+def _clean_env() -> dict[str, str]:
+    import os
+
+    return {k: v for k, v in os.environ.items() if not k.startswith("IDSELECT_")}
 
 
 def test_the_processor_takes_the_edges_value_and_does_not_parse_the_kwargs_again(

@@ -181,6 +181,14 @@ def test_metrics_rise_by_exactly_the_expected_amounts(keyed, client, model_id):
     assert "vllm:num_requests_waiting" in after  # vLLM's own metrics on the same page
 
 
+def test_capacity_model_matches_vllms_own_kv_figures(keyed, tiny_model_dir):
+    """`idselect capacity`'s arithmetic on the engine this server started (1 GiB of KV cache,
+    float32) against the KV cache size and maximum concurrency vLLM logged."""
+    from tests.test_capacity import check_against_vllms_log
+
+    check_against_vllms_log(keyed.log(), tiny_model_dir, kv_space_gib=1, dtype_bytes=4)
+
+
 def test_api_key_required_on_v1_only(keyed):
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {KEY}"}):
         response = httpx.get(keyed.base_url + "/v1/models", headers=headers, timeout=10)

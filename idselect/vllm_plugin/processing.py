@@ -123,14 +123,36 @@ class SelectionInfoMixin(ChecksVLLMOverrides):
         return PluginSettings.from_hf_config(self.get_hf_config())
 
     def resolve(self, requested: VisualOptions) -> VisualOptions:
-        """A request's (valid) options with the deployment defaults filled in; refuses what
-        this backbone cannot do."""
+        """A request's (valid) options with the deployment defaults filled in, under the
+        deployment's maximum budget; refuses what this backbone or deployment cannot do."""
         if requested.importance == "cls" and not self.has_cls_token:
             raise ImportanceError(
                 "visual_token_importance 'cls' needs a vision tower with a [CLS] token, and "
                 "this model's has none: use 'visual' (its own visual saliency score)"
             )
-        return requested.resolved(self.settings.defaults)
+        cap = self.settings.max_budget
+        if cap is not None and requested.budget is not None and requested.budget > cap:
+            raise BudgetError(
+                f"{BUDGET_KEY} {requested.budget} is above this server's maximum of {cap} "
+                "visual tokens per image (--max-visual-token-budget)"
+            )
+        options = requested.resolved(self.settings.defaults)
+        if cap is not None and options.budget is None:
+            return dataclasses.replace(options, budget=cap)
+        return options
+
+    @overrides_vllm
+    def get_mm_max_tokens_per_item(
+        self, seq_len: int, mm_counts: Mapping[str, int]
+    ) -> Mapping[str, int] | None:
+        """vLLM's reservation per image (encoder budget, profiling) follows the maximum budget.
+        When vLLM has no count to give, it processes dummy inputs, which are pruned to the
+        maximum too (`SelectionProcessorMixin.apply`)."""
+        stock = super().get_mm_max_tokens_per_item(seq_len, mm_counts)
+        cap = self.settings.max_budget
+        if stock is None or cap is None or "image" not in stock:
+            return stock
+        return {**stock, "image": min(stock["image"], cap)}
 
     @overrides_vllm
     def get_hf_processor(self, **kwargs: object):
@@ -234,8 +256,18 @@ class SelectionProcessorMixin(ChecksVLLMOverrides):
 
     @overrides_vllm
     def apply(self, inputs: ProcessorInputs, timing_ctx) -> object:
-        if _profiling.get():  # dummy inputs: never pruned (the memory profile is the maximum)
-            return super().apply(inputs, timing_ctx)
+        if _profiling.get():
+            # Dummy inputs (vLLM's memory profile, its count of tokens per image): the largest
+            # image as the deployment serves it, unpruned unless a maximum budget is set.
+            cap = self.info.settings.max_budget
+            if cap is None:
+                return super().apply(inputs, timing_ctx)
+            largest = VisualOptions(budget=cap).resolved(VisualOptions())  # visual, id_select
+            token = _request.set(_Request(largest, ()))
+            try:
+                return super().apply(inputs, timing_ctx)
+            finally:
+                _request.reset(token)
         # The per-item hooks below may not run at all (every image served from the processor
         # cache): resolve the options here, once per request.
         kwargs = inputs.hf_processor_mm_kwargs

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import torch
 from vllm.logger import init_logger
 
-from idselect.options import OPTION_KEYS, VisualOptions
+from idselect.options import BUDGET_KEY, OPTION_KEYS, VisualOptions, parse_budget
 from idselect.selection import check_gamma, check_suppression, resolve_backend
 
 logger = init_logger("vllm.idselect.plugin")  # under "vllm": vLLM's log handlers
@@ -23,8 +23,10 @@ logger = init_logger("vllm.idselect.plugin")  # under "vllm": vLLM's log handler
 GAMMA_KEY = "idselect_gamma"
 SUPPRESSION_KEY = "idselect_suppression"
 MICRO_BATCH_KEY = "idselect_encoder_micro_batch"
+# The most visual tokens any image keeps (`idselect serve --max-visual-token-budget`).
+MAX_BUDGET_KEY = "idselect_max_visual_token_budget"
 # Every key of the HF config that carries an idselect setting.
-SETTING_KEYS = (*OPTION_KEYS, GAMMA_KEY, SUPPRESSION_KEY, MICRO_BATCH_KEY)
+SETTING_KEYS = (*OPTION_KEYS, GAMMA_KEY, SUPPRESSION_KEY, MICRO_BATCH_KEY, MAX_BUDGET_KEY)
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,9 @@ class PluginSettings:
     # Images per vision-tower pass: the scheduler charges only K placeholders per image against
     # the encoder budget, so one encoder batch can hold far more images than profiling assumed.
     encoder_micro_batch: int = 8
+    # No image keeps more tokens: requests above it are refused, requests without a budget get
+    # min(default, it), and vLLM's per-image token reservations and profiling follow it.
+    max_budget: int | None = None
     # The backend `id_select(backend="auto")` resolves to on the model's device (for the log and
     # to fail at start-up, not at the first request, when IDSELECT_SELECTION_BACKEND is wrong).
     selection_backend: str | None = None  # resolved by `for_model`, on the workers' device
@@ -65,7 +70,13 @@ class PluginSettings:
         micro = values.get(MICRO_BATCH_KEY, cls.encoder_micro_batch)
         if isinstance(micro, bool) or not isinstance(micro, int) or micro < 1:
             raise ValueError(f"{MICRO_BATCH_KEY} must be an integer >= 1, got {micro!r}")
-        return cls(defaults, gamma, suppression, micro)
+        cap = parse_budget(values.get(MAX_BUDGET_KEY), MAX_BUDGET_KEY)
+        if cap is not None and defaults.budget is not None and defaults.budget > cap:
+            raise ValueError(
+                f"the default {BUDGET_KEY} {defaults.budget} is above {MAX_BUDGET_KEY} {cap}: "
+                "no image may keep more than the maximum (--visual-token-budget <= "
+                "--max-visual-token-budget)")
+        return cls(defaults, gamma, suppression, micro, cap)
 
     @classmethod
     def for_model(cls, vllm_config: Any) -> PluginSettings:
@@ -91,6 +102,6 @@ class PluginSettings:
             f"default budget: {self.defaults.budget or 'full'}, importance: "
             f"{self.defaults.importance or 'visual'}, selector: "
             f"{self.defaults.selector or 'id_select'}, gamma={self.gamma}, "
-            f"suppression={self.suppression}"
+            f"suppression={self.suppression}, maximum budget: {self.max_budget or 'none'}"
             + (f", selection backend: {self.selection_backend}" if self.selection_backend else "")
         )

@@ -96,6 +96,10 @@ Arguments of `idselect serve` (the image's ENTRYPOINT): the model, then flags.
 - --visual-token-budget
 - {{ .Values.visualTokenBudget | int | toString | quote }}
 {{- end }}
+{{- if not (kindIs "invalid" .Values.maxVisualTokenBudget) }}
+- --max-visual-token-budget
+- {{ .Values.maxVisualTokenBudget | int | toString | quote }}
+{{- end }}
 {{- range .Values.extraArgs }}
 - {{ . | toString | quote }}
 {{- end }}
