@@ -63,9 +63,9 @@ def bench_args(base_url: str, model: str, served_name: str, args: argparse.Names
         "--random-mm-bucket-config", "{(336, 336, 1): 1.0}",
         "--random-input-len", str(args.input_len), "--random-output-len", str(args.max_tokens),
         "--random-range-ratio", "0", "--ignore-eos",
-        "--num-prompts", str(max(args.num_prompts, 2 * concurrency)),
+        "--num-prompts", str(max(args.num_prompts, concurrency)),
         "--max-concurrency", str(concurrency), "--request-rate", "inf",
-        "--num-warmups", str(concurrency),
+        "--num-warmups", str(args.warmups),
         "--percentile-metrics", "ttft,e2el",
         "--metric-percentiles", ",".join(map(str, PERCENTILES)),
         "--seed", str(args.seed + concurrency), "--disable-tqdm",
@@ -218,8 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--concurrency", default=DEFAULT_CONCURRENCY,
                         type=lambda t: [int(c) for c in t.split(",")],
                         help="requests in flight, comma-separated (default: %(default)s)")
-    parser.add_argument("--num-prompts", type=int, default=24,
-                        help="requests per cell (at least 2 x the concurrency)")
+    parser.add_argument("--num-prompts", type=int, default=16,
+                        help="measured requests per cell (at least the concurrency)")
+    parser.add_argument("--warmups", type=int, default=1,
+                        help="warm-up requests before each cell (not measured)")
     parser.add_argument("--input-len", type=int, default=32, help="text tokens per request")
     parser.add_argument("--max-tokens", type=int, default=16, help="output tokens per request")
     parser.add_argument("--seed", type=int, default=0)
