@@ -1,6 +1,6 @@
 """Accuracy retention: a VQA-style evaluation through the OpenAI endpoint at several budgets.
 
-    python -m benchmarks.make_shapes_dataset out/shapes --items 200
+    python -m testbed.task out/shapes --items 200
     python -m benchmarks.accuracy --data out/shapes/data.jsonl --base-url http://127.0.0.1:8000 \
         --budgets full,192,64,16
 

@@ -44,15 +44,15 @@ def _models() -> dict:
 
         return write_realistic_llava(path)
 
-    # name -> (writer, extra server args, KV cache GiB, KV dtype bytes)
-    tiny = ["--dtype", "float32", "--max-model-len", "4096", "--enforce-eager"]
+    # name -> (writer, extra server args, KV cache GiB, KV dtype bytes; None: the --dtype used)
+    tiny = ["--dtype", "float32", "--max-model-len", "4096"]
     return {
         "tiny-llava": (write_tiny_llava, ["--dtype", "float32", "--max-model-len", "2048"], 1, 4),
         "tiny-llava-next": (write_tiny_llava_next, tiny[:2] + ["--max-model-len", "8192"], 1, 4),
         "tiny-qwen2.5-vl": (write_tiny_qwen2_5_vl, tiny, 1, 4),
         "tiny-qwen3-vl": (write_tiny_qwen3_vl, tiny, 1, 4),
         "tiny-internvl": (write_tiny_internvl, tiny, 1, 4),
-        "realistic": (realistic, None, 4, 2),
+        "realistic": (realistic, None, 4, None),
     }
 
 
@@ -98,6 +98,8 @@ def main(argv: list[str] | None = None) -> dict:
         write, server_args, kv_gib, dtype_bytes = models[name]
         model_dir = write(ROOT / "models" / name)
         server_args = default_server_args(model_dir) if server_args is None else server_args
+        if dtype_bytes is None:  # the realistic model's dtype follows the CPU (realistic_model)
+            dtype_bytes = 2 if server_args[server_args.index("--dtype") + 1] == "bfloat16" else 4
         row = {"model": name}
         for cap in (None, args.max_budget):
             label = "capped" if cap else "stock"

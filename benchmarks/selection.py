@@ -59,7 +59,7 @@ class Plan:
 
 
 FULL = Plan(
-    dispatch_batches=(1, 8, 16),
+    dispatch_batches=(1, 8, 16, 64),
     dispatch_budgets=(16, 64, 192),
     dispatch_width=WIDTH,
     cpu_tokens=(576, 2880, 16384),

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import time
+from collections.abc import Callable
 
 import httpx
 
@@ -30,3 +32,16 @@ def metric_total(page: str, name: str) -> float:
     """Sum of every sample of one metric on a Prometheus text page (all label sets)."""
     pattern = r"^" + re.escape(name) + r"(?:\{[^}]*\})? ([-+0-9.eE]+|NaN)$"
     return sum(float(v) for v in re.findall(pattern, page, re.M))
+
+
+def wait_until(condition: Callable[[], object], timeout: float, what: str,
+               interval: float = 0.1) -> object:
+    """Poll `condition` until it returns something true (returned), or fail after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)

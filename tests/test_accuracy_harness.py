@@ -22,8 +22,8 @@ from benchmarks.accuracy import (
     vqa_accuracy,
     wilson,
 )
-from benchmarks.make_shapes_dataset import write_dataset
 from devtools.launch import TINY_MODEL_ARGS, running_server
+from testbed.task import write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMAND = [sys.executable, "-m", "benchmarks.accuracy"]  # run from the checkout, as documented

@@ -24,6 +24,7 @@ import httpx
 import pytest
 
 from tests.conftest import make_image
+from tests.robust_helpers import wait_until
 from tests.test_deploy_static import (
     dashboard,
     dashboard_queries,
@@ -224,7 +225,11 @@ def traffic(server, prometheus):
         pytest.fail(
             f"Prometheus never saw {ok} successful requests; server log:\n{_tail(server['log'])}"
         )
-    time.sleep(3)
+    # Two more scrapes, so that rate() has samples on both sides of the traffic.
+    samples = f'count_over_time(up{{job="{JOB}"}}[10m])'
+    seen = float(_query(prometheus, samples)[0]["value"][1])
+    wait_until(lambda: float(_query(prometheus, samples)[0]["value"][1]) >= seen + 2, 60,
+               "two more scrapes")
     return {"ok": ok}
 
 

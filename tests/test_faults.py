@@ -11,6 +11,7 @@ counts), not durations, wherever they can.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import re
@@ -22,7 +23,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.robust_helpers import assert_openai_error, metric_total
+from tests.robust_helpers import assert_openai_error, metric_total, wait_until
 from tests.server_harness import tiny_server
 
 pytestmark = pytest.mark.engine
@@ -57,16 +58,6 @@ def usage_of_stream(lines: list[str]) -> dict | None:
     return usage
 
 
-def sent_trace(sent: threading.Event):
-    """An httpx `trace` extension that sets `sent` once the request body is on the wire."""
-
-    def trace(name: str, info: dict) -> None:
-        if name == "http11.send_request_body.complete":
-            sent.set()
-
-    return trace
-
-
 class Background:
     """Run one HTTP request in a thread; keep its response or exception."""
 
@@ -87,6 +78,30 @@ class Background:
         return self.result
 
 
+class StreamedRequest:
+    """A streamed chat completion written to the socket by the calling thread, so that it is on
+    the wire when the constructor returns (no thread has to be scheduled first on a loaded
+    machine); its response is read in the background, line by line, into `lines`."""
+
+    def __init__(self, base_url: str, body: dict, timeout: float) -> None:
+        url = httpx.URL(base_url)
+        self.connection = http.client.HTTPConnection(url.host, url.port, timeout=timeout)
+        self.connection.request("POST", "/v1/chat/completions", body=json.dumps(body),
+                                headers={"Content-Type": "application/json"})
+        self.lines: list[str] = []
+        self.reader = Background(self._read)
+
+    def _read(self) -> int:
+        response = self.connection.getresponse()
+        for raw in response:
+            self.lines.append(raw.decode().rstrip("\r\n"))
+        return response.status
+
+    def wait(self, timeout: float) -> object:
+        """The status code, or the exception that ended the read."""
+        return self.reader.wait(timeout)
+
+
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
     # A long drain window: the drain test's requests must finish even on a loaded CI machine.
@@ -101,13 +116,16 @@ def test_serve_defaults_drain_30s_on_sigterm():
     assert build_parser().parse_args(["model"]).shutdown_timeout == 30
 
 
+def running(base_url: str) -> float:
+    return scrape(base_url, "vllm:num_requests_running")
+
+
 def assert_generation_stops(base_url: str, before: float) -> None:
     """No sequence is still generating, and the aborted request never produced its tokens."""
-    time.sleep(3)
+    wait_until(lambda: running(base_url) == 0, 30, "the aborted request to leave the engine")
     generated = scrape(base_url, "vllm:generation_tokens_total") - before
     assert generated < MANY * LONG, f"{generated} tokens: the request ran to completion"
-    assert scrape(base_url, "vllm:num_requests_running") == 0
-    time.sleep(1.5)
+    time.sleep(1.5)  # an observation window, not a wait: nothing may be generated during it
     assert scrape(base_url, "vllm:generation_tokens_total") - before == generated
 
 
@@ -155,32 +173,21 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(server):
     url = server.base_url + "/v1/chat/completions"
     model = model_id(server.base_url)
     plain = Background(lambda: httpx.post(url, json=long_request(model, n=MANY), timeout=300))
-    time.sleep(1.0)
-    lines: list[str] = []
+    wait_until(lambda: running(server.base_url) >= 1, 30, "the plain request in the engine")
     n_stream = 2
-    sent = threading.Event()
-
-    def streamed() -> int:
-        with httpx.Client(timeout=300) as client, client.stream(
-                "POST", url, json=long_request(model, stream=True, n=n_stream),
-                extensions={"trace": sent_trace(sent)}) as response:
-            for line in response.iter_lines():
-                lines.append(line)
-            return response.status_code
-
-    stream = Background(streamed)
-    # On a loaded machine the thread may take seconds to connect: wait until it has sent.
-    assert sent.wait(30), stream.result
-    time.sleep(1.0)
+    stream = StreamedRequest(server.base_url, long_request(model, stream=True, n=n_stream), 300)
     assert plain.thread.is_alive(), plain.result
 
     os.kill(server.process.pid, signal.SIGTERM)  # the main process only, as Kubernetes does
-    time.sleep(0.5)
-    try:  # new work is refused while draining (or the port is already closed)
+    wait_until(lambda: "draining in-flight requests" in server.log(), 30, "the drain to start")
+    # New work is refused while draining: a 503, or, once uvicorn has closed its socket, no
+    # connection at all (and it stays closed).
+    try:
         late = httpx.post(url, json=long_request(model, max_tokens=4), timeout=30)
     except httpx.TransportError:
-        late = None
-    if late is not None:
+        with pytest.raises(httpx.ConnectError):
+            httpx.post(url, json=long_request(model, max_tokens=4), timeout=30)
+    else:
         assert assert_openai_error(late, 503)["code"] == "server_shutting_down"
 
     response = plain.wait(300)
@@ -188,6 +195,7 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(server):
     assert response.status_code == 200, response.text[:300]
     assert response.json()["usage"]["completion_tokens"] == MANY * LONG
     status = stream.wait(300)
+    lines = stream.lines
     if status == 200:
         assert usage_of_stream(lines)["completion_tokens"] == n_stream * LONG
         assert "data: [DONE]" in lines
@@ -217,26 +225,16 @@ def test_engine_death_fails_fast_with_503_and_exit_status_1(doomed):
     # Plain first, alone, so it is in the engine; then a stream (see the SIGTERM test).
     in_flight = Background(
         lambda: httpx.post(url, json=long_request(model, n=MANY), timeout=60))
-    time.sleep(1.0)
-    lines: list[str] = []
-    sent = threading.Event()
-
-    def streamed() -> int:
-        with httpx.Client(timeout=60) as client, client.stream(
-                "POST", url, json=long_request(model, stream=True, n=MANY),
-                extensions={"trace": sent_trace(sent)}) as response:
-            lines.extend(response.iter_lines())
-            return response.status_code
-
-    in_flight_stream = Background(streamed)
-    assert sent.wait(30), in_flight_stream.result  # sent before the kill (see the SIGTERM test)
-    time.sleep(1.0)
+    wait_until(lambda: running(doomed.base_url) >= 1, 30, "the plain request in the engine")
+    in_flight_stream = StreamedRequest(doomed.base_url, long_request(model, stream=True, n=MANY),
+                                       60)  # on the wire before the kill (see the SIGTERM test)
     assert in_flight.thread.is_alive(), in_flight.result
     engine.kill()
     killed_at = time.monotonic()
 
     response = in_flight.wait(30)
     status = in_flight_stream.wait(30)
+    lines = in_flight_stream.lines
     assert time.monotonic() - killed_at < 15, "an in-flight request hung"
     assert isinstance(response, httpx.Response), response
     assert assert_openai_error(response, 503)["code"] == "engine_unavailable"
@@ -246,7 +244,9 @@ def test_engine_death_fails_fast_with_503_and_exit_status_1(doomed):
     else:  # it had not: a plain 503 like any request after the death
         assert status == 503 and "engine_unavailable" in "".join(lines), (status, lines[:3])
 
-    # Until vLLM closes the server (a moment later), requests and /health fail fast.
+    # Until vLLM closes the server (a moment later), requests and /health fail fast with a 503;
+    # after that, connections are refused: either way, at once.
+    outcomes = []
     for _ in range(5):
         started = time.monotonic()
         try:
@@ -254,10 +254,13 @@ def test_engine_death_fails_fast_with_503_and_exit_status_1(doomed):
             assert assert_openai_error(late, 503)["type"] == "server_error"
             health = httpx.get(doomed.base_url + "/health", timeout=10).status_code
             assert health == 503
+            outcomes.append("503")
         except httpx.TransportError:
-            pass  # the server has already stopped listening
+            outcomes.append("closed")  # the server has already stopped listening
         assert time.monotonic() - started < 5
-        time.sleep(0.2)
+        time.sleep(0.2)  # spacing between probes
+    if "closed" in outcomes:  # once closed, the server stays closed
+        assert set(outcomes[outcomes.index("closed"):]) == {"closed"}, outcomes
 
     assert doomed.process.wait(60) == 1  # a supervisor sees the failure and restarts it
     assert "died; exiting with status 1" in doomed.log()

@@ -19,9 +19,9 @@ import pytest
 from PIL import Image
 
 from benchmarks.soak import text_token_counter
+from devtools.media_server import METADATA_URL, bomb_png, media_server, png_bytes
 from server.metrics import BUDGET_LABELS, CODE_LABELS
 from tests.conftest import make_image
-from tests.media_server import METADATA_URL, bomb_png, media_server, png_bytes
 from tests.robust_helpers import assert_openai_error
 from tests.server_harness import tiny_server
 

@@ -18,10 +18,10 @@ import aiohttp
 import pytest
 from aiohttp.abc import AbstractResolver
 
+from devtools.media_server import METADATA_URL, bomb_png, media_server, png_bytes
 from server import media_fetch
 from server.media_policy import MediaPolicy, MediaRefused, address_refusal, check_url
 from tests.conftest import make_image
-from tests.media_server import METADATA_URL, bomb_png, media_server, png_bytes
 
 DEFAULT = MediaPolicy()
 LOCALHOST_TRUSTED = MediaPolicy(allowed_domains=("localhost",), fetch_timeout_s=3)

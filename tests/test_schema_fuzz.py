@@ -1,8 +1,8 @@
-"""Schema fuzzing in CI: a bounded, seeded schemathesis run (benchmarks/schema_fuzz.py) against a
+"""Schema fuzzing in CI: a bounded, seeded schemathesis run (devtools/schema_fuzz.py) against a
 real server on the tiny model, then the server must be healthy and answer a valid pruned request
 with the exact prompt size. Also the inputs schema fuzzing found, through the same server.
 
-The long run (>= 10,000 requests, not in CI): `.venv/bin/python benchmarks/schema_fuzz.py`.
+The long run (>= 10,000 requests, not in CI): `.venv/bin/python devtools/schema_fuzz.py`.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from benchmarks.schema_fuzz import image_pool, run_fuzz
 from benchmarks.soak import text_token_counter
+from devtools.schema_fuzz import image_pool, run_fuzz
 from tests.robust_helpers import assert_openai_error
 from tests.server_harness import tiny_server
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from benchmarks.accuracy import Run, score
-from benchmarks.shapes_report import build, markdown, paired_difference
+from testbed.report import build, markdown, paired_difference
 
 
 def _report(items, right):
@@ -67,7 +67,7 @@ def test_linear_probe_reads_what_features_carry():
     label independent of them scores about its majority share."""
     import torch
 
-    from benchmarks.shapes_sweep import linear_probe
+    from testbed.sweep import linear_probe
 
     gen = torch.Generator().manual_seed(0)
     carried = torch.randint(0, 4, (2000,), generator=gen)

@@ -1,4 +1,4 @@
-"""The shapes VQA task (benchmarks/make_shapes_dataset.py) is the one issue 15 fixes.
+"""The shapes VQA task (testbed/task.py) is the one issue 15 fixes.
 
 Every question matches one of the five templates, has one right answer (recomputed here from the
 image's objects), every answer is one lowercase word, objects obey the task's rules, the shapes
@@ -13,7 +13,7 @@ import re
 
 from PIL import Image
 
-from benchmarks.make_shapes_dataset import (
+from testbed.task import (
     COLORS,
     KINDS,
     MAX_OBJECTS,
@@ -114,7 +114,7 @@ def test_the_training_drill_asks_each_object_and_answers_right():
     """`shapes_data.every_question`, stage 2's dense questions: the benchmark's templates, one
     right answer each, every object's colour and shape where they single it out, and as many
     absent pairs as present ones asked."""
-    from benchmarks.shapes_data import every_question
+    from testbed.data import every_question
 
     rng = random.Random(3)
     for _ in range(200):
@@ -139,7 +139,7 @@ def test_the_training_drill_asks_each_object_and_answers_right():
 def test_the_centre_drill_names_one_object_against_the_centre_line():
     """`shapes_data.centre_drills`: training only, the relation template with the image's centre
     line in the first slot; the answer is where that line lies against the named object."""
-    from benchmarks.shapes_data import CENTRE_QUESTION, centre_drills
+    from testbed.data import CENTRE_QUESTION, centre_drills
 
     template = re.compile(CENTRE_QUESTION.replace("?", "\\?").format(color=COLOR, shape=SHAPE))
     rng = random.Random(4)
@@ -169,7 +169,7 @@ def test_centre_patches_and_kept_patches():
     patches (so K=16 keeps the centre of every object of the task)."""
     import torch
 
-    from benchmarks.shapes_data import (
+    from testbed.data import (
         GRID,
         PATCH_OWNER_SHARE,
         centre_patch,
@@ -216,8 +216,9 @@ def test_packed_questions_train_on_their_own_tokens_too():
 
     import torch
 
-    from benchmarks import shapes_data, shapes_reading
-    from benchmarks.shapes_model import PRESETS, build
+    from testbed import data as shapes_data
+    from testbed import reading as shapes_reading
+    from testbed.model import PRESETS, build
 
     model, processor = build(PRESETS["ci"])
     tokenizer = processor.tokenizer
@@ -246,9 +247,9 @@ def test_projector_label_head_learns_patch_labels_that_generalise():
     patch features still carry the pixels' colour and their place in an object."""
     import torch
 
-    from benchmarks import shapes_data
-    from benchmarks.shapes_model import PRESETS, build, projector_label_loss, projector_probe
-    from benchmarks.shapes_reading import feature_layer
+    from testbed import data as shapes_data
+    from testbed.model import PRESETS, build, projector_label_loss, projector_probe
+    from testbed.reading import feature_layer
 
     spec = PRESETS["ci"]
     torch.manual_seed(0)

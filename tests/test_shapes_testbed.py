@@ -1,4 +1,4 @@
-"""The trained test bed, fast: the CI preset of `benchmarks.shapes_model` (the same two-stage
+"""The trained test bed, fast: the CI preset of `testbed.model` (the same two-stage
 pipeline on a smaller model, under 3 minutes on 2 cores) must learn above what the best
 image-blind answer gets (on counts, what it learns at that size), its checkpoint must serve
 through `idselect serve` with the answers transformers gives on the same weights, and the selector
@@ -18,12 +18,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from benchmarks import shapes_data, shapes_reading
-from benchmarks import shapes_model as sm
 from benchmarks.accuracy import SHORT_ANSWER, normalize_answer
 from benchmarks.bench_common import image_url_for
-from benchmarks.make_shapes_dataset import KINDS, write_dataset
 from devtools.launch import TINY_MODEL_ARGS, running_server
+from testbed import data as shapes_data
+from testbed import model as sm
+from testbed import reading as shapes_reading
+from testbed.task import KINDS, write_dataset
 
 CI = sm.PRESETS["ci"]
 

@@ -16,8 +16,8 @@ import httpx
 import pytest
 
 from benchmarks.soak import soak
+from devtools.media_server import media_server
 from tests.conftest import make_image
-from tests.media_server import media_server
 from tests.robust_helpers import metric_total
 from tests.server_harness import tiny_server
 

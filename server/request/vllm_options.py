@@ -1,5 +1,5 @@
 """Values of vLLM's own request fields that vLLM 0.32 accepts and then fails on with a 500;
-refused with a 400 instead. Each was found by schema fuzzing (benchmarks/schema_fuzz.py) or by
+refused with a 400 instead. Each was found by schema fuzzing (devtools/schema_fuzz.py) or by
 running vLLM's request models on wrongly typed fields (tests/test_vllm_request_rules.py), and
 has a regression test (tests/test_schema_fuzz.py, tests/test_edge_fuzz.py).
 """

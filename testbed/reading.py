@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import math
 
-from benchmarks.make_shapes_dataset import KINDS
-from benchmarks.shapes_data import (
+from testbed.data import (
     PATCHES,
     Scene,
     answer_ids,
     keep_indices,
     user_prompt,
 )
+from testbed.task import KINDS
 
 
 def feature_layer(model, pixel_values):

@@ -1,6 +1,6 @@
 """Generate the shapes VQA task: coloured shapes on a plain or textured background, with questions.
 
-    python -m benchmarks.make_shapes_dataset out/shapes --items 1000 [--seed 0]
+    python -m testbed.task out/shapes --items 1000 [--seed 0]
 
 The task is fixed, so anyone can generate fresh held-out questions (another seed):
 - 336 x 336 RGB images; a background, plain or textured (light stripes or noise);

@@ -13,7 +13,7 @@ schemathesis' status-code / content-type / response-schema conformance, 200 chat
 the `openai` package's ChatCompletion, streams are well-formed SSE ending in [DONE].
 
 CI runs a bounded, seeded slice (tests/test_schema_fuzz.py). Long run (not in CI):
-    .venv/bin/python -m benchmarks.schema_fuzz --requests 10000 --seed 16
+    .venv/bin/python -m devtools.schema_fuzz --requests 10000 --seed 16
 starts a tiny-model server itself (or `--base-url URL` for a running one) and exits 1 on any
 failure; `--report FILE` writes the counts and failing requests as JSON.
 """
@@ -68,7 +68,7 @@ def _data_url(data: bytes, media_type: str = "image/png") -> str:
 
 def image_pool() -> dict[str, str]:
     """Image URLs the generated bodies carry: valid images and broken or refused ones."""
-    from tests.media_server import bomb_png
+    from devtools.media_server import bomb_png
 
     good = _data_url(_png((336, 336), (30, 120, 200)))
     return {

@@ -1,4 +1,4 @@
-"""Stage 1 of the shapes test bed (`benchmarks.shapes_model`): the vision tower trained from
+"""Stage 1 of the shapes test bed (`testbed.model`): the vision tower trained from
 dense labels at its feature layer, and what its heads read from held-out images; also the
 learning-rate schedule both stages share."""
 
@@ -9,12 +9,12 @@ import random
 import sys
 from typing import TYPE_CHECKING
 
-from benchmarks.make_shapes_dataset import MAX_OBJECTS, SHAPES, SIZE
-from benchmarks.shapes_data import COLOR_NAMES, PAIRS, Scene, scenes, vision_targets
-from benchmarks.shapes_reading import feature_layer
+from testbed.data import COLOR_NAMES, PAIRS, Scene, scenes, vision_targets
+from testbed.reading import feature_layer
+from testbed.task import MAX_OBJECTS, SHAPES, SIZE
 
 if TYPE_CHECKING:
-    from benchmarks.shapes_model import ShapesSpec
+    from testbed.spec import ShapesSpec
 
 
 def schedule(step: int, steps: int, lr: float, warmup: int = 50) -> float:

@@ -1,6 +1,6 @@
 """Why the selectors rank as they do on the shapes test bed: an offline sweep in transformers.
 
-    python -m benchmarks.shapes_sweep --data out/shapes-eval/data.jsonl \
+    python -m testbed.sweep --data out/shapes-eval/data.jsonl \
         --model models/shapes-llava [--budgets 8,16,32] [--gammas 2,5,20,80] [--out DIR]
 
 The tower runs once per question (eager attention, so the feature layer's [CLS]->patch attention
@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.accuracy import load_items
-from benchmarks.shapes_report import MULTI_OBJECT
+from testbed.report import MULTI_OBJECT
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -34,8 +34,8 @@ def main(argv: list[str] | None = None) -> dict:
     from PIL import Image
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from benchmarks.make_shapes_dataset import Shape, patch_coverage
-    from benchmarks.shapes_data import (
+    from idselect.baselines import get_selector
+    from testbed.data import (
         PATCH_OWNER_SHARE,
         PATCHES,
         Scene,
@@ -44,9 +44,9 @@ def main(argv: list[str] | None = None) -> dict:
         pixels_of,
         vision_targets,
     )
-    from benchmarks.shapes_model import ShapesSpec
-    from benchmarks.shapes_reading import first_answers
-    from idselect.baselines import get_selector
+    from testbed.model import ShapesSpec
+    from testbed.reading import first_answers
+    from testbed.task import Shape, patch_coverage
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", required=True)

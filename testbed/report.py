@@ -1,6 +1,6 @@
 """Validity checks and targets of the shapes test bed, from an accuracy run with selectors.
 
-    python -m benchmarks.shapes_report out/accuracy/accuracy.json \
+    python -m testbed.report out/accuracy/accuracy.json \
         --data out/shapes-eval/data.jsonl --model models/shapes-llava
 
 Reads `benchmarks/accuracy.py`'s report (every prediction of every selector and budget) and adds:
@@ -61,9 +61,9 @@ def oracle_check(model_dir: Path, items: list[dict], base_dir: Path, k: int = 16
     from PIL import Image
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from benchmarks.make_shapes_dataset import Shape, patch_coverage
-    from benchmarks.shapes_data import Scene, pixels_of
-    from benchmarks.shapes_reading import answers_right
+    from testbed.data import Scene, pixels_of
+    from testbed.reading import answers_right
+    from testbed.task import Shape, patch_coverage
 
     processor = AutoProcessor.from_pretrained(model_dir)
     model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()

@@ -2,8 +2,8 @@
 tower's dense training labels, and which patches a training or oracle step keeps.
 
 The task itself (images, questions, answers, per-patch object coverage) is
-`benchmarks.make_shapes_dataset`; the trainer is `benchmarks.shapes_model`, and the model is read
-by `benchmarks.shapes_reading`.
+`testbed.task`; the trainer is `testbed.model`, and the model is read
+by `testbed.reading`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import random
 from dataclasses import dataclass
 
 from benchmarks.accuracy import SHORT_ANSWER  # the prompt the benchmark sends
-from benchmarks.make_shapes_dataset import (
+from testbed.task import (
     COLORS,
     PATCH,
     RELATION_MARGIN,
