@@ -118,7 +118,8 @@ def _llm_parameters(tc: Mapping) -> int:
 
 
 def model_memory(config: Mapping, name: str = "config") -> ModelMemory:
-    """The capacity model's view of a LLaVA-1.5 or Qwen2.5-VL config (config.json as a dict)."""
+    """The capacity model's view of a LLaVA-1.5 or Qwen2.5-VL config (config.json as a dict);
+    other LLaVA-like configs (LLaVA-NeXT, InternVL) are read as one fixed-size tile per image."""
     tc = _text_config(config)
     heads = tc["num_attention_heads"]
     common = {
@@ -144,7 +145,10 @@ def model_memory(config: Mapping, name: str = "config") -> ModelMemory:
     width, inter = vc["hidden_size"], vc["intermediate_size"]
     vision = (vc["num_hidden_layers"] * (4 * width * width + 2 * width * inter)
               + width * tc["hidden_size"] + tc["hidden_size"] ** 2)  # tower + 2-layer projector
-    patches = (vc["image_size"] // vc["patch_size"]) ** 2
+    size, patch = (v[0] if isinstance(v, list) else v for v in (vc["image_size"], vc["patch_size"]))
+    patches = (size // patch) ** 2
+    if "downsample_ratio" in config:  # InternVL's pixel shuffle: 256 tokens per 448-px tile
+        patches = int(patches * config["downsample_ratio"] ** 2)
     return ModelMemory(parameters=_llm_parameters(tc) + vision, family="llava",
                        image_tokens_fixed=patches, **common)
 
