@@ -83,7 +83,7 @@ def pixels_of(images):
 
 @dataclass
 class Scene:
-    objects: list  # make_shapes_dataset.Shape
+    objects: list  # testbed.task.Shape
     coverage: object  # (objects, 24, 24) numpy
     asked: dict  # kind -> (question, answer)
     # Training only: every question asked of the image this draw, (kind, (question, answer)),

@@ -24,6 +24,7 @@ from benchmarks.accuracy import (
 )
 from devtools.launch import TINY_MODEL_ARGS, running_server
 from testbed.task import write_dataset
+from tests.server_harness import EAGER
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMAND = [sys.executable, "-m", "benchmarks.accuracy"]  # run from the checkout, as documented
@@ -113,7 +114,8 @@ def test_shapes_dataset_generator(tmp_path):
 def test_harness_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path):
     data = write_dataset(tmp_path / "shapes", items=4, seed=0)
     out = tmp_path / "accuracy"
-    with running_server(tiny_model_dir, tmp_path / "server.log", *TINY_MODEL_ARGS) as server:
+    with running_server(tiny_model_dir, tmp_path / "server.log", *TINY_MODEL_ARGS,
+                        *EAGER) as server:
         done = subprocess.run(
             [*COMMAND, "--data", str(data), "--base-url", server.base_url,
              "--budgets", "full,16", "--max-tokens", "4", "--concurrency", "2",

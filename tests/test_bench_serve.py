@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 
 from benchmarks.serve import missed, stock_ratios, table
+from devtools.launch import TINY_MODEL_ARGS
+from tests.server_harness import EAGER
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,7 +30,8 @@ def test_serving_benchmark_writes_json_table_and_plot_with_the_stock_baseline(
     done = subprocess.run(
         [sys.executable, "-m", "benchmarks.serve", "--start", str(tiny_model_dir),
          "--budgets", "full,16", "--concurrency", "2", "--num-prompts", "4",
-         "--max-tokens", "3", "--out", str(out)],
+         "--max-tokens", "3", "--out", str(out),
+         "--server-args", " ".join([*TINY_MODEL_ARGS, *EAGER])],
         cwd=ROOT, capture_output=True, text=True, timeout=900, check=False,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

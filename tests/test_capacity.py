@@ -70,6 +70,13 @@ def test_vllms_reservation_per_image_follows_the_maximum(backbone, tmp_path_fact
         assert with_videos.mm_max_toks_per_item["image"] == CAP
         assert (with_videos.mm_max_toks_per_item["video"]
                 == _budget(model_dir, None, videos=1).mm_max_toks_per_item["video"])
+    # The capacity model reads each backbone's config (InternVL's sizes come as lists) into the
+    # KV bytes per token vLLM sizes its cache with: 2 x layers x KV heads x head size x bytes.
+    config = stock.model_config
+    memory = load_model_memory(model_dir)
+    assert memory.kv_bytes_per_token(4) == (2 * config.get_total_num_hidden_layers()
+                                            * config.get_total_num_kv_heads()
+                                            * config.get_head_size() * 4)
 
 
 def test_the_presets_parameter_counts_match_the_published_models():
@@ -79,6 +86,7 @@ def test_the_presets_parameter_counts_match_the_published_models():
     qwen = model_memory(PRESETS["qwen2.5-vl-7b"])
     assert qwen.image_tokens(1024, 1024) == 37 * 37  # smart_resize to 1036 x 1036
     assert qwen.max_image_tokens() == 16384
+
 
 
 KV_LINE = re.compile(r"KV cache size: ([\d,]+) tokens, Maximum concurrency for ([\d,]+) tokens "

@@ -24,7 +24,7 @@ import psutil
 import pytest
 
 from tests.robust_helpers import assert_openai_error, metric_total, wait_until
-from tests.server_harness import tiny_server
+from tests.server_harness import EAGER, tiny_server
 
 pytestmark = pytest.mark.engine
 
@@ -106,7 +106,7 @@ class StreamedRequest:
 def server(tiny_model_dir, tmp_path_factory):
     # A long drain window: the drain test's requests must finish even on a loaded CI machine.
     with tiny_server(tiny_model_dir, tmp_path_factory.mktemp("logs"),
-                     "--shutdown-timeout", "120") as s:
+                     "--shutdown-timeout", "120", *EAGER) as s:
         yield s
 
 
@@ -211,7 +211,7 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(server):
 
 @pytest.fixture(scope="module")
 def doomed(tiny_model_dir, tmp_path_factory):
-    with tiny_server(tiny_model_dir, tmp_path_factory.mktemp("logs")) as s:
+    with tiny_server(tiny_model_dir, tmp_path_factory.mktemp("logs"), *EAGER) as s:
         yield s
 
 

@@ -23,7 +23,7 @@ from devtools.media_server import METADATA_URL, bomb_png, media_server, png_byte
 from server.metrics import BUDGET_LABELS, CODE_LABELS
 from tests.conftest import make_image
 from tests.robust_helpers import assert_openai_error
-from tests.server_harness import tiny_server
+from tests.server_harness import EAGER, tiny_server
 
 pytestmark = pytest.mark.engine
 
@@ -47,7 +47,7 @@ def loopback():
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
-    with tiny_server(tiny_model_dir, tmp_path_factory.mktemp("logs"), *SERVER_ARGS) as s:
+    with tiny_server(tiny_model_dir, tmp_path_factory.mktemp("logs"), *SERVER_ARGS, *EAGER) as s:
         yield s
 
 

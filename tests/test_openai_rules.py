@@ -18,7 +18,7 @@ from benchmarks.soak import text_token_counter
 from devtools.launch import image_data_url
 from tests.conftest import make_image
 from tests.robust_helpers import assert_openai_error
-from tests.server_harness import tiny_server
+from tests.server_harness import EAGER, tiny_server
 
 pytestmark = pytest.mark.engine
 
@@ -30,7 +30,7 @@ PICTURE = {"type": "image_url", "image_url": {"url": IMAGE}}
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
-    with tiny_server(tiny_model_dir, tmp_path_factory.mktemp("logs")) as s:
+    with tiny_server(tiny_model_dir, tmp_path_factory.mktemp("logs"), *EAGER) as s:
         yield s
 
 

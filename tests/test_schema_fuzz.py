@@ -13,7 +13,7 @@ import pytest
 from benchmarks.soak import text_token_counter
 from devtools.schema_fuzz import image_pool, run_fuzz
 from tests.robust_helpers import assert_openai_error
-from tests.server_harness import tiny_server
+from tests.server_harness import EAGER, tiny_server
 
 pytestmark = pytest.mark.engine
 
@@ -25,7 +25,7 @@ QUESTION = "Describe the picture."
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
-    with tiny_server(tiny_model_dir, tmp_path_factory.mktemp("logs")) as s:
+    with tiny_server(tiny_model_dir, tmp_path_factory.mktemp("logs"), *EAGER) as s:
         yield s
 
 

@@ -50,6 +50,7 @@ def _binomial_tail(hits: int, n: int, p: float) -> float:
     return sum(math.comb(n, j) * p**j * (1 - p) ** (n - j) for j in range(hits, n + 1))
 
 
+@pytest.mark.slow  # trains the CI preset: ~6 minutes on 2 cores
 def test_ci_model_learns_above_image_blind_answers(ci_model, held_out):
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 

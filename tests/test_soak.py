@@ -19,7 +19,7 @@ from benchmarks.soak import soak
 from devtools.media_server import media_server
 from tests.conftest import make_image
 from tests.robust_helpers import metric_total
-from tests.server_harness import tiny_server
+from tests.server_harness import EAGER, tiny_server
 
 pytestmark = pytest.mark.engine
 
@@ -39,7 +39,7 @@ def server(tiny_model_dir, tmp_path_factory):
     # localhost is allow-listed, so the http images below take the guarded fetch path.
     with tiny_server(tiny_model_dir, tmp_path_factory.mktemp("logs"),
                      "--visual-token-budget", str(DEFAULT_BUDGET),
-                     "--allowed-media-domains", "localhost") as s:
+                     "--allowed-media-domains", "localhost", *EAGER) as s:
         yield s
 
 

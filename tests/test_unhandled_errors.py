@@ -45,3 +45,17 @@ def test_paths_outside_v1_keep_starlettes_answer():
     with client() as http:
         response = http.get("/other")
         assert (response.status_code, response.text) == (500, "Internal Server Error")
+
+
+def test_an_error_raised_while_the_server_stops_is_the_shutdown_503(monkeypatch):
+    """On SIGTERM vLLM shuts its renderer's executor first; a request being rendered then raises
+    ("cannot schedule new futures after shutdown"). Like every request the stopping server
+    cannot finish, it gets the 503 that tells a client to retry elsewhere."""
+    from server.middleware import engine_guard
+
+    monkeypatch.setattr(engine_guard, "_stopping", True)  # what vLLM's shutdown call sets
+    with client() as http:
+        response = http.post("/v1/chat/completions", json={})
+        assert response.status_code == 503
+        assert response.headers["retry-after"] == "1"
+        assert response.json()["error"]["code"] == "server_shutting_down"

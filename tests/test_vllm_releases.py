@@ -26,41 +26,51 @@ from packaging.version import Version
 
 from devtools import vllm_releases
 from idselect.vllm_plugin import ARCHITECTURES
-from tests.release_probe import BACKBONES, CASES
+from tests.release_probe import BACKBONES, CASES, write_models
 
 pytestmark = pytest.mark.releases
 
 RELEASES = list(vllm_releases.pinned())
 
 
-def _probe(models: Path, out: Path, env: dict[str, str] | None = None) -> dict:
-    done = subprocess.run(
-        [sys.executable, "-m", "tests.release_probe", str(models), str(out)],
-        env=env, capture_output=True, text=True, timeout=900,
-        cwd=vllm_releases.ROOT,
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
+def _start_probe(models: Path, out: Path, env: dict[str, str] | None) -> subprocess.Popen:
+    with open(out / "stderr.txt", "w") as stderr:  # the child keeps its own descriptor
+        return subprocess.Popen(
+            [sys.executable, "-m", "tests.release_probe", str(models), str(out)],
+            env=env, stdout=subprocess.DEVNULL, stderr=stderr, cwd=vllm_releases.ROOT)
+
+
+def _result(process: subprocess.Popen, out: Path) -> dict:
+    code = process.wait(timeout=900)
+    assert code == 0, (out / "stderr.txt").read_text()[-4000:]
     result = json.loads((out / "result.json").read_text())
     result["tensors"] = torch.load(out / "embeddings.pt")
     return result
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("release-models")
+def probes(tmp_path_factory) -> dict[str, dict]:
+    """This venv's 0.32 and every pinned release, probed side by side: each probe is its own
+    process (about a minute, mostly on one core), started as soon as its release is laid out.
+    The models are written first, so the probes only read them."""
+    models = tmp_path_factory.mktemp("release-models")
+    write_models(models)
+    started = {}
+    for version in ["0.32.0", *RELEASES]:
+        env = None if version == "0.32.0" else vllm_releases.environment(version)
+        out = tmp_path_factory.mktemp(f"probe-{version}")
+        started[version] = (_start_probe(models, out, env), out)
+    return {version: _result(process, out) for version, (process, out) in started.items()}
 
 
 @pytest.fixture(scope="module")
-def baseline(models, tmp_path_factory) -> dict:
-    return _probe(models, tmp_path_factory.mktemp("probe-0.32"))
+def baseline(probes) -> dict:
+    return probes["0.32.0"]
 
 
 @pytest.fixture(scope="module", params=RELEASES)
-def release(request, models, tmp_path_factory) -> dict:
-    env = vllm_releases.environment(request.param)
-    result = _probe(models, tmp_path_factory.mktemp(f"probe-{request.param}"), env)
-    result["expected"] = request.param
-    return result
+def release(request, probes) -> dict:
+    return {**probes[request.param], "expected": request.param}
 
 
 def test_the_release_under_test_is_the_one_that_ran(baseline, release):

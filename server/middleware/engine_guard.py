@@ -63,7 +63,7 @@ class EngineGuardMiddleware:
             return
         reason = unavailable_reason(scope)
         if reason is not None:
-            await _unavailable(reason, scope, receive, send)
+            await answer_unavailable(reason, scope, receive, send)
             return
         replaced = False
 
@@ -73,14 +73,14 @@ class EngineGuardMiddleware:
                 why = unavailable_reason(scope)  # a request the engine dropped as it stopped
                 if why is not None:
                     replaced = True
-                    await _unavailable(why, scope, receive, send)
+                    await answer_unavailable(why, scope, receive, send)
             if not replaced:
                 await send(message)
 
         await self.app(scope, receive, send_guarded)
 
 
-async def _unavailable(message: str, scope: Scope, receive: Receive, send: Send) -> None:
+async def answer_unavailable(message: str, scope: Scope, receive: Receive, send: Send) -> None:
     code = "engine_unavailable" if message is DEAD_MESSAGE else "server_shutting_down"
     response = openai_error(503, message, code=code, type_="server_error")
     response.headers["Retry-After"] = "1"

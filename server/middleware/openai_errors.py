@@ -17,6 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.errors import openai_error
 from server.middleware.asgi_body import send_rewritten
+from server.middleware.engine_guard import answer_unavailable, unavailable_reason
 
 logger = logging.getLogger("vllm.idselect.errors")  # under "vllm": vLLM's log handlers
 
@@ -111,6 +112,12 @@ class OpenAIErrorMiddleware:
             # connection. Answer in OpenAI's shape here and keep the connection.
             if sent["started"]:
                 raise
+            reason = unavailable_reason(scope)
+            if reason is not None:  # vLLM stopped under the request (SIGTERM: its renderer's
+                # executor goes first, and a request being rendered raises): the 503 it would
+                # have got a moment later, not a 500.
+                await answer_unavailable(reason, scope, receive, send)
+                return
             logger.exception("idselect: unhandled error in %s %s", scope.get("method"), path)
             await openai_error(
                 500, "The server had an error while processing your request.",
