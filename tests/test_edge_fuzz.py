@@ -19,6 +19,8 @@ from server.request.options import prepare
 from server.request.rejected import RequestRejected
 from server.settings import ServerSettings
 
+pytestmark = pytest.mark.slow  # libFuzzer runs, one process per target: ~40 s
+
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = 100_000
 SEED = 16
