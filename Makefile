@@ -16,7 +16,7 @@ test: venv system
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest --durations=30
 
-## The inner loop (under 5 minutes on 2 cores): lint, the tests that start no vLLM engine and no
+## The inner loop (about 6 minutes on 2 cores): lint, the tests that start no vLLM engine and no
 ## release lane, then one real server (tests/test_server.py). `make test` before you push.
 test-fast: venv
 	$(VENV)/bin/ruff check .
