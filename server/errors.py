@@ -5,6 +5,16 @@ from __future__ import annotations
 from starlette.responses import JSONResponse
 
 
+def openai_error_body(
+    message: str,
+    *,
+    param: str | None = None,
+    code: str | None = None,
+    type_: str = "invalid_request_error",
+) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
 def openai_error(
     status: int,
     message: str,
@@ -14,6 +24,5 @@ def openai_error(
     type_: str = "invalid_request_error",
 ) -> JSONResponse:
     return JSONResponse(
-        {"error": {"message": message, "type": type_, "param": param, "code": code}},
-        status_code=status,
+        openai_error_body(message, param=param, code=code, type_=type_), status_code=status
     )

@@ -58,3 +58,12 @@ def refused(parameter: str, match: str | None = None) -> Iterator[None]:
     with pytest.raises(OptionRefused, match=match or parameter) as info:
         yield
     assert info.value.parameter == parameter
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Modules with a test that takes minutes (`slow`, `releases`) run first, each kept whole:
+    in `make test`'s run without engines the two processes then start on them, instead of
+    one of them ending the run alone with the test bed's training."""
+    long_running = {item.path for item in items
+                    if item.get_closest_marker("slow") or item.get_closest_marker("releases")}
+    items.sort(key=lambda item: item.path not in long_running)

@@ -166,8 +166,10 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(server):
     A plain request for 16 x 1800 tokens goes in alone (so it reaches the engine at once) and is
     still generating when SIGTERM comes; a streamed one follows. The plain one must be drained
     to its last token. The streamed one must be drained too, or, if the busy front end had not
-    handed it to the engine before the signal, refused with a clean 503 (on this 2-core machine
-    the API server sometimes admits a second request only after the first one's outputs).
+    handed it to the engine before the signal (on this 2-core machine the API server sometimes
+    admits a second request only after the first one's outputs), refused with the shutdown 503:
+    as its status if the guard saw it first, or as an error event in its 200 stream if vLLM
+    started the stream and the engine, already stopping, aborted it.
     The engine's own log line counts what was in flight (/metrics answers too slowly here).
     """
     url = server.base_url + "/v1/chat/completions"
@@ -196,8 +198,12 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(server):
     assert response.json()["usage"]["completion_tokens"] == MANY * LONG
     status = stream.wait(300)
     lines = stream.lines
-    if status == 200:
+    refused = stream_errors(lines)
+    if status == 200 and not refused:
         assert usage_of_stream(lines)["completion_tokens"] == n_stream * LONG
+        assert "data: [DONE]" in lines
+    elif status == 200:  # started by vLLM, aborted by the stopping engine: the 503's event
+        assert [e["code"] for e in refused] == ["server_shutting_down"], lines[-4:]
         assert "data: [DONE]" in lines
     else:
         assert status == 503, (status, lines[:3])
@@ -205,8 +211,43 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(server):
     assert server.process.wait(90) == 0
     drained = re.search(r"draining in-flight requests count=(\d+)", server.log())
     assert drained, "nothing was in flight at SIGTERM"
-    expected = MANY + (n_stream if status == 200 else 0)
+    expected = MANY + (n_stream if status == 200 and not refused else 0)
     assert int(drained.group(1)) == expected
+
+
+def stream_errors(lines: list[str]) -> list[dict]:
+    return [json.loads(x[6:])["error"] for x in lines if x.startswith('data: {"error"')]
+
+
+@pytest.fixture(scope="module")
+def short_drain(tiny_model_dir, tmp_path_factory):
+    with tiny_server(tiny_model_dir, tmp_path_factory.mktemp("logs"),
+                     "--shutdown-timeout", "1", *EAGER) as s:
+        yield s
+
+
+def test_requests_outlasting_the_drain_window_get_the_503_and_the_server_exits(short_drain):
+    """vLLM kills the engine when --shutdown-timeout passes and then never answers what was
+    still in flight (its clients, and uvicorn waiting on their connections, would wait
+    forever). Both requests here outlast a 1 s window by far (64 x 1800 tokens each)."""
+    server = short_drain
+    url = server.base_url + "/v1/chat/completions"
+    model = model_id(server.base_url)
+    plain = Background(lambda: httpx.post(url, json=long_request(model, n=MANY), timeout=120))
+    wait_until(lambda: running(server.base_url) >= MANY, 30, "the plain request in the engine")
+    stream = StreamedRequest(server.base_url, long_request(model, stream=True, n=MANY), 120)
+    wait_until(lambda: running(server.base_url) >= 2 * MANY, 30, "the stream in the engine")
+
+    os.kill(server.process.pid, signal.SIGTERM)
+    response = plain.wait(60)
+    assert isinstance(response, httpx.Response), response
+    error = assert_openai_error(response, 503)
+    assert error["code"] == "server_shutting_down" and response.headers["retry-after"] == "1"
+    assert stream.wait(60) == 200
+    assert [e["code"] for e in stream_errors(stream.lines)] == ["server_shutting_down"]
+    assert stream.lines[-2:] == ["data: [DONE]", ""]
+    assert server.process.wait(60) == 0
+    assert "force killing remaining process EngineCore" in server.log()  # the window passed
 
 
 @pytest.fixture(scope="module")

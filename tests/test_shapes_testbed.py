@@ -11,12 +11,14 @@ import hashlib
 import json
 import math
 import random
+import shutil
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
 import httpx
 import pytest
+import torch
 
 from benchmarks.accuracy import SHORT_ANSWER, normalize_answer
 from benchmarks.bench_common import image_url_for
@@ -30,8 +32,23 @@ CI = sm.PRESETS["ci"]
 
 
 @pytest.fixture(scope="module")
-def ci_model(tmp_path_factory) -> Path:
-    return sm.train(tmp_path_factory.mktemp("shapes") / "shapes-ci", CI)
+def ci_model(request) -> Path:
+    """Trained once per version of the test bed's code and torch: `make test` runs the tests
+    without an engine and those with one in two pytest runs, and both (and reruns) use this
+    checkpoint from pytest's cache folder (`make clean` removes it)."""
+    sources = sorted(Path(sm.__file__).parent.glob("*.py"))
+    key = hashlib.sha256(repr((CI, torch.__version__)).encode())
+    for source in sources:
+        key.update(source.read_bytes())
+    folder = request.config.cache.mkdir(f"testbed-ci-{key.hexdigest()[:16]}")
+    model = folder / "shapes-ci"
+    if not (model / "idselect_training.json").is_file():
+        partial = folder / "partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        sm.train(partial, CI)
+        shutil.rmtree(model, ignore_errors=True)
+        partial.rename(model)
+    return model
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from functools import partial
+from http import HTTPStatus
 from typing import Any
 
 from packaging.version import InvalidVersion, Version
@@ -170,6 +171,37 @@ def propagate_to_processing(renderer: object) -> None:
         return await loop.run_in_executor(executor, partial(context.run, process, *args, **kwargs))
 
     renderer._process_multimodal_async = process_in_request_context
+
+
+# ---- shutdown: requests the stopped engine will never answer --------------------------------
+
+def unfinished_request_failer(engine_client: Any) -> Callable[[str], int]:
+    """Resolve at start-up how to end the requests a stopped engine leaves unanswered.
+
+    `AsyncLLM.shutdown` (SIGTERM) stops the engine, drained or killed once `--shutdown-timeout`
+    has passed (at once with 0), then cancels its output handler. A request still unfinished
+    then waits forever, and so does uvicorn, for its connection: the server never exits. The
+    returned function hands each such request vLLM's own 503 (`GracefulHTTPError`) through
+    `OutputProcessor.propagate_error`, as the output handler does with engine death, and
+    returns how many there were. Call it on the event loop, after `shutdown` returned.
+    """
+    from vllm.exceptions import GracefulHTTPError
+
+    processor = getattr(engine_client, "output_processor", None)
+    for name in ("propagate_error", "get_num_unfinished_requests"):
+        if not callable(getattr(processor, name, None)):
+            raise VLLMHookMissing(
+                "shutdown of unfinished requests",
+                f"{type(engine_client).__name__}.output_processor has no {name}()",
+            )
+
+    def fail(message: str) -> int:
+        unfinished = processor.get_num_unfinished_requests()
+        if unfinished:
+            processor.propagate_error(GracefulHTTPError(message, HTTPStatus.SERVICE_UNAVAILABLE))
+        return unfinished
+
+    return fail
 
 
 # ---- M-RoPE: vLLM's EVS position-recompute path, for pruned images --------------------------
@@ -338,6 +370,13 @@ def hooks_report() -> dict[str, str]:
         if not callable(getattr(BaseRenderer, name, None)):
             raise VLLMHookMissing("visual usage reporting", f"BaseRenderer.{name}")
     report["renderer"] = f"{BaseRenderer.__module__}.{BaseRenderer.__qualname__}"
+    from vllm.exceptions import GracefulHTTPError
+    from vllm.v1.engine.output_processor import OutputProcessor
+
+    for name in ("propagate_error", "get_num_unfinished_requests"):
+        if not callable(getattr(OutputProcessor, name, None)):
+            raise VLLMHookMissing("shutdown of unfinished requests", f"OutputProcessor.{name}")
+    report["shutdown"] = f"{GracefulHTTPError.__module__}.{GracefulHTTPError.__qualname__}"
     auth = api_key_middleware()
     report["auth"] = f"{auth.__module__}.{auth.__qualname__}"
     for runner, how in position_recompute_readers().items():
