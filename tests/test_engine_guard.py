@@ -58,12 +58,20 @@ async def plain(request):
 
 
 async def streamed(request):
-    finish = request.query_params["finish"]
+    """The chunks vLLM 0.32 sends for one choice: its role, then by `kind`: nothing more (the
+    engine aborted it before its first token: vLLM skips empty deltas, so no finish either),
+    a token and an aborted finish, or a token and a finish, with SIGTERM after the finish."""
+    kind = request.query_params["kind"]
     _sigterm_arrives(request)
 
     async def events():
         yield _chunk(delta=DeltaMessage(role="assistant", content=""))
-        yield _chunk(delta=DeltaMessage(content=""), finish_reason=finish)
+        if kind != "aborted-before-first-token":
+            yield _chunk(delta=DeltaMessage(content="Once"))
+            yield _chunk(delta=DeltaMessage(content=""),
+                         finish_reason="abort" if kind == "aborted" else "length")
+        if kind == "finished-then-sigterm":
+            engine_guard._stopping = True
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream")
@@ -100,20 +108,36 @@ def test_a_drained_answer_passes_while_stopping():
     assert response.json() == json.loads(json.dumps(_answer("length").model_dump()))
 
 
-def test_a_stream_the_stopping_engine_aborted_ends_with_the_shutdown_error_event():
+SHUTDOWN_EVENT = {"error": {"message": engine_guard.STOPPING_MESSAGE, "type": "server_error",
+                            "param": None, "code": "server_shutting_down"}}
+
+
+@pytest.mark.parametrize("kind", ["aborted-before-first-token", "aborted"])
+def test_a_stream_the_stopping_engine_aborted_ends_with_the_shutdown_error_event(kind):
     with client() as http:
-        response = http.post("/v1/stream?finish=abort&stop=1", json={})
+        response = http.post(f"/v1/stream?kind={kind}&stop=1", json={})
     assert response.status_code == 200
-    first, error, done = _events(response.text)
-    assert first["choices"][0]["delta"]["role"] == "assistant"
-    assert error == {"error": {"message": engine_guard.STOPPING_MESSAGE, "type": "server_error",
-                               "param": None, "code": "server_shutting_down"}}
-    assert done == "data: [DONE]"
+    events = _events(response.text)
+    assert events[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert events[-2:] == [SHUTDOWN_EVENT, "data: [DONE]"]
+    finishes = [e["choices"][0].get("finish_reason") for e in events if "choices" in e]
+    assert not any(finishes), finishes  # the aborted finish was replaced, not passed on
 
 
-def test_streams_pass_untouched_while_the_engine_runs():
+@pytest.mark.parametrize("stop", ["&stop=1", ""])
+def test_a_finished_stream_passes_whenever_sigterm_comes(stop):
     with client() as http:
-        aborted = http.post("/v1/stream?finish=abort", json={})
+        response = http.post(f"/v1/stream?kind=finished-then-sigterm{stop}", json={})
+    events = _events(response.text)
+    assert [e["choices"][0].get("finish_reason") for e in events[:-1]] == [None, None, "length"]
+    assert events[-1] == "data: [DONE]"
+
+
+def test_streams_and_answers_pass_untouched_while_the_engine_runs():
+    with client() as http:
+        aborted = http.post("/v1/stream?kind=aborted", json={})
+        cut = http.post("/v1/stream?kind=aborted-before-first-token", json={})
         answer = http.post("/v1/chat/completions?finish=abort", json={})
-    assert _events(aborted.text)[1]["choices"][0]["finish_reason"] == "abort"
+    assert _events(aborted.text)[2]["choices"][0]["finish_reason"] == "abort"
+    assert len(_events(cut.text)) == 2
     assert answer.status_code == 200  # not stopping: vLLM's answer as it is

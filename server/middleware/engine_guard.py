@@ -84,8 +84,11 @@ class EngineGuardMiddleware:
         await self.app(scope, receive, _Guarded(scope, receive, send).send)
 
 
-# vLLM's JSON has no spaces: these mark the only SSE events the guard replaces while stopping.
+# vLLM yields one SSE event per body message, its JSON without spaces. These mark the events the
+# guard replaces while stopping, a choice's finish, and the stream's end.
 _STREAM_FAILURES = (b'data: {"error"', b'"finish_reason":"abort"')
+_FINISHED = b'"finish_reason":"'
+_DONE = b"data: [DONE]"
 
 
 class _Guarded:
@@ -93,7 +96,8 @@ class _Guarded:
 
     Once it has died or is stopping: a 5xx becomes the 503 naming why; a JSON 200 in which the
     engine aborted a choice becomes the 503; a streamed error event or aborted finish becomes
-    the 503's error event.
+    the 503's error event, and so does the end of a stream in which no choice finished (vLLM
+    sends no finish for a choice the engine aborted before its first token).
     """
 
     def __init__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -101,10 +105,14 @@ class _Guarded:
         self._replaced = False
         self._held: Message | None = None  # a JSON 200's start, while stopping
         self._body = b""
+        self._finished = False  # a streamed choice finished, or the stream carried an error
 
     async def send(self, message: Message) -> None:
         if self._replaced:
             return
+        if message["type"] == "http.response.body" and not self._finished:
+            body = message.get("body", b"")
+            self._finished = _FINISHED in body or body.startswith(_STREAM_FAILURES[0])
         if not _stopping and self._held is None and not (
             message["type"] == "http.response.start" and message["status"] >= 500
         ):
@@ -130,8 +138,11 @@ class _Guarded:
             await self._send({**message, "body": self._body})
         elif message["type"] == "http.response.body" and why is not None:
             body = message.get("body", b"")
+            error = b"data: " + json.dumps(unavailable_body(why)).encode() + b"\n\n"
             if body.startswith(b"data: ") and any(m in body for m in _STREAM_FAILURES):
-                body = b"data: " + json.dumps(unavailable_body(why)).encode() + b"\n\n"
+                body, self._finished = error, True
+            elif body.startswith(_DONE) and not self._finished:
+                body, self._finished = error + body, True  # no choice finished: cut short
             await self._send({**message, "body": body})
         else:
             await self._send(message)
