@@ -175,33 +175,35 @@ def propagate_to_processing(renderer: object) -> None:
 
 # ---- shutdown: requests the stopped engine will never answer --------------------------------
 
-def unfinished_request_failer(engine_client: Any) -> Callable[[str], int]:
+_FAIL_UNFINISHED = "propagate_error"  # OutputProcessor's: every unfinished request raises it
+
+
+def unfinished_request_failer(engine_client: Any) -> Callable[[str], None]:
     """Resolve at start-up how to end the requests a stopped engine leaves unanswered.
 
     `AsyncLLM.shutdown` (SIGTERM) stops the engine, drained or killed once `--shutdown-timeout`
     has passed (at once with 0), then cancels its output handler. A request still unfinished
     then waits forever, and so does uvicorn, for its connection: the server never exits. The
     returned function hands each such request vLLM's own 503 (`GracefulHTTPError`) through
-    `OutputProcessor.propagate_error`, as the output handler does with engine death, and
-    returns how many there were. Call it on the event loop, after `shutdown` returned.
+    `OutputProcessor.propagate_error`, as the output handler does with engine death (a no-op
+    when none is left). Call it on the event loop, after `shutdown` returned.
     """
     from vllm.exceptions import GracefulHTTPError
 
     processor = getattr(engine_client, "output_processor", None)
-    for name in ("propagate_error", "get_num_unfinished_requests"):
-        if not callable(getattr(processor, name, None)):
-            raise VLLMHookMissing(
-                "shutdown of unfinished requests",
-                f"{type(engine_client).__name__}.output_processor has no {name}()",
-            )
+    _check_fail_unfinished(processor)
 
-    def fail(message: str) -> int:
-        unfinished = processor.get_num_unfinished_requests()
-        if unfinished:
-            processor.propagate_error(GracefulHTTPError(message, HTTPStatus.SERVICE_UNAVAILABLE))
-        return unfinished
+    def fail(message: str) -> None:
+        processor.propagate_error(GracefulHTTPError(message, HTTPStatus.SERVICE_UNAVAILABLE))
 
     return fail
+
+
+def _check_fail_unfinished(processor: Any) -> None:
+    if not callable(getattr(processor, _FAIL_UNFINISHED, None)):
+        raise VLLMHookMissing(
+            "shutdown of unfinished requests", f"OutputProcessor has no {_FAIL_UNFINISHED}()"
+        )
 
 
 # ---- M-RoPE: vLLM's EVS position-recompute path, for pruned images --------------------------
@@ -373,9 +375,7 @@ def hooks_report() -> dict[str, str]:
     from vllm.exceptions import GracefulHTTPError
     from vllm.v1.engine.output_processor import OutputProcessor
 
-    for name in ("propagate_error", "get_num_unfinished_requests"):
-        if not callable(getattr(OutputProcessor, name, None)):
-            raise VLLMHookMissing("shutdown of unfinished requests", f"OutputProcessor.{name}")
+    _check_fail_unfinished(OutputProcessor)
     report["shutdown"] = f"{GracefulHTTPError.__module__}.{GracefulHTTPError.__qualname__}"
     auth = api_key_middleware()
     report["auth"] = f"{auth.__module__}.{auth.__qualname__}"
