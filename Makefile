@@ -11,18 +11,16 @@ venv:
 system:
 	bash scripts/setup-system.sh
 
-# Tests without a vLLM engine run in TEST_WORKERS processes (pytest-xdist; --dist loadfile keeps a
-# module in one process, so its module fixtures run once); engine tests run one at a time, since
-# two engines on 2 cores are slow.
+# Tests run in TEST_WORKERS processes (pytest-xdist; --dist loadfile keeps a module in one process,
+# so its module fixtures, servers included, start once; modules start in tests/conftest.py's order,
+# not xdist's most-tests-first). Each process has its own cores (tests/conftest.py).
 TEST_WORKERS ?= 2
-XDIST := -n $(TEST_WORKERS) --dist loadfile
+XDIST := -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
-## The test command (README, CI): builds the environment, then runs lint and every test: first
-## those without an engine, then the engine tests; it fails if either part failed.
+## The test command (README, CI): builds the environment, then runs lint and every test.
 test: venv system
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest $(XDIST) -m "not engine" --durations=30; status=$$?; \
-	$(PY) -m pytest -m engine --durations=30 && exit $$status
+	$(PY) -m pytest $(XDIST) --durations=30
 
 ## The inner loop (under 5 minutes on 2 cores): lint, the tests that start no vLLM engine and no
 ## release lane, then one real server (tests/test_server.py). `make test` before you push.

@@ -4,6 +4,10 @@ Environment set here, before anything imports prometheus_client or vLLM:
 - PROMETHEUS_MULTIPROC_DIR: the plugin's selection histogram is recorded in the spawned model
   worker; multiprocess mode lets the test process read it (this is how the server runs too).
 - VLLM_CPU_KVCACHE_SPACE: the CPU backend would otherwise try to reserve most of host RAM.
+- Under pytest-xdist, each worker process gets its share of the cores: its vLLM engines are bound
+  to them (VLLM_CPU_OMP_THREADS_BIND; vLLM's default binds every engine to the first core) and
+  torch, here and in its servers, runs that many threads (OMP_NUM_THREADS; threads beyond the
+  cores spin against the other worker's and slowed the test bed's training 2.5 times).
 And triton is imported under its CPU interpreter before anything else imports it, so that the
 selection tests can run the Triton kernel on CPU tensors (tests/triton_interpreter.py).
 """
@@ -15,6 +19,13 @@ import tempfile
 
 os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="idselect-prom-"))
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+if worker := os.environ.get("PYTEST_XDIST_WORKER"):  # "gw0", "gw1", ...: cores of its own
+    cores = sorted(os.sched_getaffinity(0))
+    share = max(1, len(cores) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    first = int(worker[2:]) * share % len(cores)
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND",
+                          ",".join(str(c) for c in cores[first:first + share]))
+    os.environ.setdefault("OMP_NUM_THREADS", str(share))
 
 from tests.triton_interpreter import import_interpreted  # noqa: E402
 
@@ -62,8 +73,8 @@ def refused(parameter: str, match: str | None = None) -> Iterator[None]:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Modules with a test that takes minutes (`slow`, `releases`) run first, each kept whole:
-    in `make test`'s run without engines the two processes then start on them, instead of
-    one of them ending the run alone with the test bed's training."""
+    under xdist (`--no-loadscope-reorder`) the worker processes start on them, instead of one of
+    them ending the run alone with the test bed's training."""
     long_running = {item.path for item in items
                     if item.get_closest_marker("slow") or item.get_closest_marker("releases")}
     items.sort(key=lambda item: item.path not in long_running)

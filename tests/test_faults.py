@@ -120,6 +120,22 @@ def running(base_url: str) -> float:
     return scrape(base_url, "vllm:num_requests_running")
 
 
+def wait_in_engine(server, request: Background, at_least: int, what: str) -> None:
+    """Wait until the engine runs `at_least` sequences while `request` is still unanswered.
+
+    Fails at once if the request was answered first, and either way says what it got and how
+    the server's log ends (a CI run once waited 30 s here for a request that never showed)."""
+    def ready() -> bool:
+        return not request.thread.is_alive() or running(server.base_url) >= at_least
+
+    try:
+        wait_until(ready, 60, what)
+        assert request.thread.is_alive(), f"answered before {what}: {request.result!r}"
+    except AssertionError as failure:
+        tail = "\n".join(server.log().splitlines()[-40:])
+        raise AssertionError(f"{failure}\nthe server log ends:\n{tail}") from None
+
+
 def assert_generation_stops(base_url: str, before: float) -> None:
     """No sequence is still generating, and the aborted request never produced its tokens."""
     wait_until(lambda: running(base_url) == 0, 30, "the aborted request to leave the engine")
@@ -175,7 +191,7 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(server):
     url = server.base_url + "/v1/chat/completions"
     model = model_id(server.base_url)
     plain = Background(lambda: httpx.post(url, json=long_request(model, n=MANY), timeout=300))
-    wait_until(lambda: running(server.base_url) >= 1, 30, "the plain request in the engine")
+    wait_in_engine(server, plain, 1, "the plain request in the engine")
     n_stream = 2
     stream = StreamedRequest(server.base_url, long_request(model, stream=True, n=n_stream), 300)
     assert plain.thread.is_alive(), plain.result
@@ -234,9 +250,9 @@ def test_requests_outlasting_the_drain_window_get_the_503_and_the_server_exits(s
     url = server.base_url + "/v1/chat/completions"
     model = model_id(server.base_url)
     plain = Background(lambda: httpx.post(url, json=long_request(model, n=MANY), timeout=120))
-    wait_until(lambda: running(server.base_url) >= MANY, 30, "the plain request in the engine")
+    wait_in_engine(server, plain, MANY, "the plain request in the engine")
     stream = StreamedRequest(server.base_url, long_request(model, stream=True, n=MANY), 120)
-    wait_until(lambda: running(server.base_url) >= 2 * MANY, 30, "the stream in the engine")
+    wait_in_engine(server, stream.reader, 2 * MANY, "the stream in the engine")
 
     os.kill(server.process.pid, signal.SIGTERM)
     response = plain.wait(60)
@@ -266,7 +282,7 @@ def test_engine_death_fails_fast_with_503_and_exit_status_1(doomed):
     # Plain first, alone, so it is in the engine; then a stream (see the SIGTERM test).
     in_flight = Background(
         lambda: httpx.post(url, json=long_request(model, n=MANY), timeout=60))
-    wait_until(lambda: running(doomed.base_url) >= 1, 30, "the plain request in the engine")
+    wait_in_engine(doomed, in_flight, 1, "the plain request in the engine")
     in_flight_stream = StreamedRequest(doomed.base_url, long_request(model, stream=True, n=MANY),
                                        60)  # on the wire before the kill (see the SIGTERM test)
     assert in_flight.thread.is_alive(), in_flight.result
