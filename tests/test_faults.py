@@ -249,6 +249,7 @@ def test_requests_outlasting_the_drain_window_get_the_503_and_the_server_exits(s
     server = short_drain
     url = server.base_url + "/v1/chat/completions"
     model = model_id(server.base_url)
+    family = psutil.Process(server.process.pid).children(recursive=True)
     plain = Background(lambda: httpx.post(url, json=long_request(model, n=MANY), timeout=120))
     wait_in_engine(server, plain, MANY, "the plain request in the engine")
     stream = StreamedRequest(server.base_url, long_request(model, stream=True, n=MANY), 120)
@@ -264,6 +265,8 @@ def test_requests_outlasting_the_drain_window_get_the_503_and_the_server_exits(s
     assert stream.lines[-2:] == ["data: [DONE]", ""]
     assert server.process.wait(60) == 0
     assert "force killing remaining process EngineCore" in server.log()  # the window passed
+    _, alive = psutil.wait_procs(family, timeout=30)  # the killed engine's model worker too
+    assert not alive, f"processes left behind: {alive}"
 
 
 @pytest.fixture(scope="module")
