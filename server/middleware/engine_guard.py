@@ -86,7 +86,8 @@ class EngineGuardMiddleware:
 
 # vLLM yields one SSE event per body message, its JSON without spaces. These mark the events the
 # guard replaces while stopping, a choice's finish, and the stream's end.
-_STREAM_FAILURES = (b'data: {"error"', b'"finish_reason":"abort"')
+_ERROR_EVENT = b'data: {"error"'
+_STREAM_FAILURES = (_ERROR_EVENT, b'"finish_reason":"abort"')
 _FINISHED = b'"finish_reason":"'
 _DONE = b"data: [DONE]"
 
@@ -112,7 +113,7 @@ class _Guarded:
             return
         if message["type"] == "http.response.body" and not self._finished:
             body = message.get("body", b"")
-            self._finished = _FINISHED in body or body.startswith(_STREAM_FAILURES[0])
+            self._finished = _FINISHED in body or body.startswith(_ERROR_EVENT)
         if not _stopping and self._held is None and not (
             message["type"] == "http.response.start" and message["status"] >= 500
         ):
